@@ -1,0 +1,155 @@
+//! `proofmesh-circuits`: make sample batches, prove a batch through the whole tree in one
+//! process, verify a final proof, and benchmark the circuits.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use proofmesh_circuits::batch::Batch;
+use proofmesh_circuits::final_proof::verify;
+use proofmesh_circuits::prover::prove_batch;
+use proofmesh_circuits::sample::generate_batches;
+use proofmesh_circuits::setup::SetupStore;
+use proofmesh_core::Geometry;
+
+mod bench;
+
+/// Proofmesh's reference proof system on the command line.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Where setup data (circuits, verifier data) is cached.
+    #[arg(long, global = true, env = "PROOFMESH_SETUP_DIR", default_value = ".setup-cache")]
+    setup_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// A named geometry.
+#[derive(Clone, Copy, ValueEnum)]
+enum GeometryPreset {
+    /// Production default: fan-ins 4, chunks of 256/32/64 items.
+    Default,
+    /// Small circuits and fan-ins 2, for tests and quick demos.
+    Small,
+}
+
+impl GeometryPreset {
+    fn geometry(self) -> Geometry {
+        match self {
+            Self::Default => Geometry::default(),
+            Self::Small => Geometry::small(),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Simulates the L2 node: writes consecutive batches, each starting at the state root the
+    /// previous one ends at, as `batch_<number>.bin`.
+    GenBatch {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Transactions per batch, one value per batch (e.g. `--txs 4 --txs 40`).
+        #[arg(long, required = true)]
+        txs: Vec<usize>,
+        /// RNG seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Number of the first batch.
+        #[arg(long, default_value_t = 1)]
+        first: u32,
+        /// State tree depth.
+        #[arg(long, default_value_t = 16)]
+        depth: u8,
+    },
+    /// Proves a batch through every round and compression, printing each round's circuit count
+    /// and time, and writes `<out>/batch_<number>.proof`.
+    Prove {
+        /// The batch file.
+        #[arg(long)]
+        batch: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Circuit geometry.
+        #[arg(long, value_enum, default_value = "default", env = "PROOFMESH_GEOMETRY")]
+        geometry: GeometryPreset,
+    },
+    /// Verifies a final proof against a batch file: exit 0 only if it is valid for exactly that
+    /// batch's public data.
+    Verify {
+        /// The proof file.
+        #[arg(long)]
+        proof: PathBuf,
+        /// The batch file.
+        #[arg(long)]
+        batch: PathBuf,
+    },
+    /// Prints per-circuit figures (gates, setup, witness and prove time, peak memory, proof size)
+    /// and proves the largest batch in `samples`.
+    Bench {
+        /// Directory of sample batches.
+        #[arg(long, default_value = "samples")]
+        samples: PathBuf,
+        /// Circuit geometry.
+        #[arg(long, value_enum, default_value = "default", env = "PROOFMESH_GEOMETRY")]
+        geometry: GeometryPreset,
+    },
+}
+
+fn read_batch(path: &Path) -> anyhow::Result<Batch> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Batch::from_bytes(&bytes).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::GenBatch { out, txs, seed, first, depth } => {
+            std::fs::create_dir_all(&out)?;
+            for b in generate_batches(seed, depth, &txs, first)? {
+                let path = out.join(format!("batch_{:06}.bin", b.number.0));
+                std::fs::write(&path, b.to_bytes())?;
+                println!("{}: {} transactions", path.display(), b.transactions.len());
+            }
+        }
+        Command::Prove { batch, out, geometry } => {
+            let batch = read_batch(&batch)?;
+            let store = SetupStore::new(&cli.setup_dir, batch.protocol_version, geometry.geometry())?;
+            let start = Instant::now();
+            let proof = prove_batch(&store, &batch, &mut |_| {}, &mut |r| {
+                println!("{:<14} {:>4} circuits  {:>8.2} s", r.label, r.circuits, r.secs);
+            })?;
+            std::fs::create_dir_all(&out)?;
+            let path = out.join(format!("batch_{:06}.proof", batch.number.0));
+            let bytes = proof.to_bytes();
+            std::fs::write(&path, &bytes)?;
+            println!(
+                "batch {} proven in {:.1} s: {} ({} bytes; {} uncompressed)",
+                batch.number,
+                start.elapsed().as_secs_f64(),
+                path.display(),
+                bytes.len(),
+                proof.uncompressed_bytes
+            );
+        }
+        Command::Verify { proof, batch } => {
+            let proof_bytes = std::fs::read(&proof).with_context(|| format!("reading {}", proof.display()))?;
+            let batch_bytes = std::fs::read(&batch).with_context(|| format!("reading {}", batch.display()))?;
+            let public = verify(&proof_bytes, &batch_bytes, &cli.setup_dir)
+                .with_context(|| format!("{} does not prove {}", proof.display(), batch.display()))?;
+            println!(
+                "valid: batch {} (protocol {}), state root {:?} -> {:?}",
+                public.batch_number,
+                public.protocol_version,
+                public.prev_state_root.elements,
+                public.new_state_root.elements
+            );
+        }
+        Command::Bench { samples, geometry } => bench::run(&cli.setup_dir, &samples, geometry.geometry())?,
+    }
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! Proofmesh's domain types, shared by every crate of the workspace.
+//!
+//! The vocabulary follows zkSync Era's FRI prover (`prover/` in matter-labs/zksync-era):
+//! a **batch** is proven through **aggregation rounds** 0..=4, each job of a round is named by
+//! `(aggregation_round, circuit_id)`, and every job carries the **protocol version** it is proven
+//! under. The **geometry** ([`Geometry`]) fixes how a batch is cut into circuits and how proofs
+//! are aggregated; circuits, setup data and the job plan all derive from it.
+
+mod geometry;
+mod types;
+
+pub use geometry::{AggregationPlan, Geometry, GeometryError};
+pub use types::{AggregationRound, BatchNumber, CircuitId, ProtocolVersion, UnknownRound};
