@@ -25,7 +25,7 @@ use proofmesh_core::{Geometry, ProtocolVersion};
 use crate::batch::Batch;
 use crate::setup::{CircuitKey, SetupStore};
 use crate::state::{replay, PublicData};
-use crate::witness_vector::Proof;
+use crate::witness_vector::{catch_panic, Proof};
 use crate::{C, D, F};
 
 const MAGIC: [u8; 4] = *b"PMFP";
@@ -151,8 +151,11 @@ pub fn verify(proof_bytes: &[u8], batch_bytes: &[u8], setup_root: &Path) -> Resu
     let expected = PublicData::from_replay(&batch, &replay(&batch)?);
     let store = SetupStore::new(setup_root, version, geometry).map_err(|e| VerifyError::Setup(e.to_string()))?;
     let vd = store.verifier(CircuitKey::Compression).map_err(|e| VerifyError::Setup(format!("{e:#}")))?;
-    let proof = CompressedProofWithPublicInputs::<F, C, D>::from_bytes(proof_bytes[HEADER_LEN..].to_vec(), &vd.common)
-        .map_err(|e| VerifyError::Format(format!("proof body at byte {HEADER_LEN}: {e}")))?;
+    let proof = catch_panic(|| {
+        CompressedProofWithPublicInputs::<F, C, D>::from_bytes(proof_bytes[HEADER_LEN..].to_vec(), &vd.common)
+    })
+    .and_then(|r| r.map_err(|e| e.to_string()))
+    .map_err(|e| VerifyError::Format(format!("proof body at byte {HEADER_LEN}: {e}")))?;
     if proof.public_inputs != expected.to_public_inputs() {
         use plonky2::field::types::PrimeField64;
         return Err(VerifyError::WrongBatch {
@@ -160,6 +163,9 @@ pub fn verify(proof_bytes: &[u8], batch_bytes: &[u8], setup_root: &Path) -> Resu
             batch: batch.number.0,
         });
     }
-    vd.verify_compressed(proof).map_err(|e| VerifyError::Invalid(e.to_string()))?;
+    // plonky2 panics on some malformed proofs instead of returning an error.
+    catch_panic(|| vd.verify_compressed(proof))
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .map_err(VerifyError::Invalid)?;
     Ok(expected)
 }

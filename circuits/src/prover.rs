@@ -64,10 +64,26 @@ pub struct JobReport {
     pub prove_secs: f64,
     /// Serialized proof size, bytes.
     pub proof_bytes: usize,
+    /// Peak resident memory of the process during the job, bytes (Linux; `None` elsewhere).
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Resets the kernel's peak-RSS mark of this process (`/proc/self/clear_refs`, Linux >= 4.0).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// `VmHWM` of this process, bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Runs one job: witness, witness vector, proof.
 pub fn run_job(circuit: &Circuit, input: &JobInput) -> anyhow::Result<(Proof, JobReport)> {
+    reset_peak_rss();
     let start = Instant::now();
     let wv = synthesize(circuit, witness(circuit, input)?)?;
     let witness_secs = start.elapsed().as_secs_f64();
@@ -79,6 +95,7 @@ pub fn run_job(circuit: &Circuit, input: &JobInput) -> anyhow::Result<(Proof, Jo
         witness_secs,
         prove_secs: start.elapsed().as_secs_f64(),
         proof_bytes: proof.to_bytes().len(),
+        peak_rss_bytes: peak_rss(),
     };
     Ok((proof, report))
 }

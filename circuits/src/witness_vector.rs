@@ -172,6 +172,18 @@ impl WitnessVector {
     }
 }
 
+/// Runs `f`, turning a panic into its message. plonky2 panics on some malformed inputs (witness
+/// contradictions, malformed proofs) where it could return an error; a caller handling untrusted
+/// input must not crash for it.
+pub fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panicked".into())
+    })
+}
+
 fn circuit_digest(circuit: &Circuit) -> Digest {
     circuit.data.verifier_only.circuit_digest
 }
@@ -180,7 +192,10 @@ fn circuit_digest(circuit: &Circuit) -> Digest {
 ///
 /// Errors if the inputs contradict the circuit (two generators set a wire to different values).
 pub fn synthesize(circuit: &Circuit, inputs: PartialWitness<F>) -> anyhow::Result<WitnessVector> {
-    let pw = generate_partial_witness(inputs, &circuit.data.prover_only, &circuit.data.common)
+    // plonky2's generators assert on some contradictions (a value too large for its limbs)
+    // instead of returning an error: both are a failed job here, never a crashed worker.
+    let pw = catch_panic(|| generate_partial_witness(inputs, &circuit.data.prover_only, &circuit.data.common))
+        .and_then(|r| r.map_err(|e| e.to_string()))
         .map_err(|e| anyhow::anyhow!("{}: witness generation failed: {e}", circuit.key.name()))?;
     Ok(WitnessVector {
         key: circuit.key,

@@ -11,7 +11,8 @@ use proofmesh_circuits::final_proof::verify;
 use proofmesh_circuits::prover::prove_batch;
 use proofmesh_circuits::sample::generate_batches;
 use proofmesh_circuits::setup::SetupStore;
-use proofmesh_core::Geometry;
+use proofmesh_circuits::witness_vector::{prove, WitnessVector};
+use proofmesh_core::{Geometry, ProtocolVersion};
 
 mod bench;
 
@@ -88,6 +89,19 @@ enum Command {
         #[arg(long)]
         batch: PathBuf,
     },
+    /// Proves one witness vector file (as written by witness vector generation) from its bytes
+    /// alone, and writes the proof.
+    ProveWitness {
+        /// The witness vector file.
+        #[arg(long)]
+        witness_vector: PathBuf,
+        /// Where to write the proof.
+        #[arg(long)]
+        out: PathBuf,
+        /// Circuit geometry.
+        #[arg(long, value_enum, default_value = "default", env = "PROOFMESH_GEOMETRY")]
+        geometry: GeometryPreset,
+    },
     /// Prints per-circuit figures (gates, setup, witness and prove time, peak memory, proof size)
     /// and proves the largest batch in `samples`.
     Bench {
@@ -148,6 +162,14 @@ fn main() -> anyhow::Result<()> {
                 public.prev_state_root.elements,
                 public.new_state_root.elements
             );
+        }
+        Command::ProveWitness { witness_vector, out, geometry } => {
+            let bytes = std::fs::read(&witness_vector).with_context(|| format!("reading {}", witness_vector.display()))?;
+            let wv = WitnessVector::from_bytes(&bytes)?;
+            let store = SetupStore::new(&cli.setup_dir, ProtocolVersion::CURRENT, geometry.geometry())?;
+            let circuit = store.circuit(wv.key)?;
+            let proof = prove(&circuit, wv)?;
+            std::fs::write(&out, proof.to_bytes()).with_context(|| format!("writing {}", out.display()))?;
         }
         Command::Bench { samples, geometry } => bench::run(&cli.setup_dir, &samples, geometry.geometry())?,
     }
