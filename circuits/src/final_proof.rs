@@ -76,9 +76,9 @@ pub enum VerifyError {
 impl FinalProof {
     /// Wraps a compression proof of `store`'s circuits.
     pub fn new(store: &SetupStore, protocol_version: ProtocolVersion, proof: Proof) -> anyhow::Result<Self> {
-        let circuit = store.circuit(CircuitKey::Compression)?;
+        let vd = store.verifier(CircuitKey::Compression)?;
         let uncompressed_bytes = proof.to_bytes().len();
-        let proof = circuit.data.compress(proof)?;
+        let proof = proof.compress(&vd.verifier_only.circuit_digest, &vd.common)?;
         Ok(FinalProof { protocol_version, geometry: *store.geometry(), proof, uncompressed_bytes })
     }
 

@@ -103,36 +103,36 @@ fn truncated_or_garbled_batch_files_are_clear_errors() {
     assert!(matches!(e, VerifyError::Format(_)), "{e}");
 }
 
+/// Proves the first chunk of `circuit` in batch 2 after `tamper` changed its input; returns the error.
+fn prove_tampered(circuit: BasicCircuit, tamper: impl FnOnce(&mut BasicInput)) -> anyhow::Error {
+    let p = proven();
+    let batch = &p.batches[1];
+    let mut input = chunk_inputs(batch, &replay(batch).unwrap(), &Geometry::small(), circuit).remove(0);
+    tamper(&mut input);
+    let circuit = p.store.circuit(CircuitKey::Basic(circuit)).unwrap();
+    synthesize(&circuit, witness(&circuit, &JobInput::Basic(input)).unwrap())
+        .and_then(|wv| prove(&circuit, wv))
+        .unwrap_err()
+}
+
 /// The storage circuit constrains the Merkle update: a witness whose path does not open to the
 /// claimed root cannot be proven, even when fed straight to the circuit.
 #[test]
 fn a_storage_witness_that_does_not_open_to_the_root_cannot_be_proven() {
-    let p = proven();
-    let batch = &p.batches[1];
-    let r = replay(batch).unwrap();
-    let mut input = chunk_inputs(batch, &r, &Geometry::small(), BasicCircuit::StorageApplication).remove(0);
-    let BasicInput::StorageApplication { accesses, .. } = &mut input else { unreachable!() };
-    accesses[1].siblings[3][0] += 1;
-    let circuit = p.store.circuit(CircuitKey::Basic(BasicCircuit::StorageApplication)).unwrap();
-    let e = synthesize(&circuit, witness(&circuit, &JobInput::Basic(input)).unwrap())
-        .and_then(|wv| prove(&circuit, wv))
-        .unwrap_err();
+    let e = prove_tampered(BasicCircuit::StorageApplication, |input| {
+        let BasicInput::StorageApplication { accesses, .. } = input else { unreachable!() };
+        accesses[1].siblings[3][0] += 1;
+    });
     assert!(e.to_string().starts_with("basic-3: witness generation failed"), "{e}");
 }
 
 /// The main VM enforces the transfer rules: an overdraft cannot be proven.
 #[test]
 fn an_overdraft_cannot_be_proven() {
-    let p = proven();
-    let batch = &p.batches[1];
-    let r = replay(batch).unwrap();
-    let mut input = chunk_inputs(batch, &r, &Geometry::small(), BasicCircuit::MainVm).remove(0);
-    let BasicInput::MainVm { txs, .. } = &mut input else { unreachable!() };
-    txs[0].amount = (1 << 50) + 1;
-    let circuit = p.store.circuit(CircuitKey::Basic(BasicCircuit::MainVm)).unwrap();
-    let e = synthesize(&circuit, witness(&circuit, &JobInput::Basic(input)).unwrap())
-        .and_then(|wv| prove(&circuit, wv))
-        .unwrap_err();
+    let e = prove_tampered(BasicCircuit::MainVm, |input| {
+        let BasicInput::MainVm { txs, .. } = input else { unreachable!() };
+        txs[0].amount = (1 << 50) + 1;
+    });
     assert!(e.to_string().starts_with("basic-2:"), "{e}");
 }
 

@@ -36,12 +36,29 @@ enum GeometryPreset {
     Small,
 }
 
-impl GeometryPreset {
-    fn geometry(self) -> Geometry {
-        match self {
-            Self::Default => Geometry::default(),
-            Self::Small => Geometry::small(),
-        }
+/// The circuit geometry: a preset, with the fan-ins overridable.
+#[derive(clap::Args)]
+struct GeometryArgs {
+    /// Geometry preset.
+    #[arg(long, value_enum, default_value = "default", env = "PROOFMESH_GEOMETRY")]
+    geometry: GeometryPreset,
+    /// Basic proofs per leaf aggregation circuit (overrides the preset).
+    #[arg(long, env = "PROOFMESH_LEAF_FAN_IN")]
+    leaf_fan_in: Option<u8>,
+    /// Proofs per node aggregation circuit (overrides the preset).
+    #[arg(long, env = "PROOFMESH_NODE_FAN_IN")]
+    node_fan_in: Option<u8>,
+}
+
+impl GeometryArgs {
+    fn geometry(&self) -> Geometry {
+        let mut g = match self.geometry {
+            GeometryPreset::Default => Geometry::default(),
+            GeometryPreset::Small => Geometry::small(),
+        };
+        g.leaf_fan_in = self.leaf_fan_in.unwrap_or(g.leaf_fan_in);
+        g.node_fan_in = self.node_fan_in.unwrap_or(g.node_fan_in);
+        g
     }
 }
 
@@ -75,9 +92,8 @@ enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
-        /// Circuit geometry.
-        #[arg(long, value_enum, default_value = "default", env = "PROOFMESH_GEOMETRY")]
-        geometry: GeometryPreset,
+        #[command(flatten)]
+        geometry: GeometryArgs,
     },
     /// Verifies a final proof against a batch file: exit 0 only if it is valid for exactly that
     /// batch's public data.
@@ -98,9 +114,8 @@ enum Command {
         /// Where to write the proof.
         #[arg(long)]
         out: PathBuf,
-        /// Circuit geometry.
-        #[arg(long, value_enum, default_value = "default", env = "PROOFMESH_GEOMETRY")]
-        geometry: GeometryPreset,
+        #[command(flatten)]
+        geometry: GeometryArgs,
     },
     /// Prints per-circuit figures (gates, setup, witness and prove time, peak memory, proof size)
     /// and proves the largest batch in `samples`.
@@ -108,9 +123,8 @@ enum Command {
         /// Directory of sample batches.
         #[arg(long, default_value = "samples")]
         samples: PathBuf,
-        /// Circuit geometry.
-        #[arg(long, value_enum, default_value = "default", env = "PROOFMESH_GEOMETRY")]
-        geometry: GeometryPreset,
+        #[command(flatten)]
+        geometry: GeometryArgs,
     },
 }
 
