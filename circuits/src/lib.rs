@@ -17,6 +17,7 @@ pub mod batch;
 pub mod compression;
 pub mod final_proof;
 mod gadgets;
+pub mod job_input;
 pub mod prover;
 pub mod sample;
 pub mod scheduler;

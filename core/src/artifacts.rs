@@ -1,0 +1,168 @@
+//! The artifact store: where batches, circuit inputs and proofs live between jobs.
+//!
+//! Every artifact is written under a key fixed by the identity of the job that produces it
+//! ([`keys`]), so a retried job overwrites the same key, and it is written whole before the job
+//! reports completion (the local store writes a temporary file and renames it), so nothing ever
+//! refers to a half-written artifact (DESIGN.md section 4).
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+/// Why an artifact could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    /// No artifact under this key.
+    #[error("artifact `{key}` not found")]
+    NotFound {
+        /// The key asked for.
+        key: String,
+    },
+    /// The key is not a relative path of `[A-Za-z0-9._-]` segments.
+    #[error("invalid artifact key `{key}`")]
+    InvalidKey {
+        /// The key given.
+        key: String,
+    },
+    /// The backend failed (disk, network).
+    #[error("artifact `{key}`: {source}")]
+    Io {
+        /// The key being read or written.
+        key: String,
+        /// The backend's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Stores artifacts by key. Keys are `/`-separated relative paths (see [`keys`]).
+///
+/// Implementations: [`LocalStore`] (a directory; the default, and what every process of a
+/// single-host cluster shares). Writes must be atomic: a reader sees the old bytes, the new
+/// bytes, or nothing.
+#[async_trait]
+pub trait ArtifactStore: Send + Sync + std::fmt::Debug {
+    /// Writes `bytes` under `key`, replacing what was there.
+    async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), ArtifactError>;
+    /// Reads the artifact under `key`. Errors: [`ArtifactError::NotFound`] if there is none.
+    async fn get(&self, key: &str) -> Result<Vec<u8>, ArtifactError>;
+}
+
+/// An artifact store in a local directory: key `a/b/c` is the file `<root>/a/b/c`.
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    /// A store rooted at `root` (created on first write).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalStore { root: root.into() }
+    }
+
+    /// The directory the store writes under.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, ArtifactError> {
+        let valid = !key.is_empty()
+            && key.split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            });
+        if !valid {
+            return Err(ArtifactError::InvalidKey { key: key.into() });
+        }
+        Ok(self.root.join(key))
+    }
+}
+
+#[async_trait]
+impl ArtifactStore for LocalStore {
+    async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), ArtifactError> {
+        let path = self.path(key)?;
+        let io = |source| ArtifactError::Io { key: key.into(), source };
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(io)?;
+        }
+        // A unique temporary name per writer, then an atomic rename over the key.
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp-{}-{}",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("artifact"),
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        tokio::fs::write(&tmp, bytes).await.map_err(io)?;
+        tokio::fs::rename(&tmp, &path).await.map_err(io)
+    }
+
+    async fn get(&self, key: &str) -> Result<Vec<u8>, ArtifactError> {
+        let path = self.path(key)?;
+        tokio::fs::read(&path).await.map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                ArtifactError::NotFound { key: key.into() }
+            } else {
+                ArtifactError::Io { key: key.into(), source }
+            }
+        })
+    }
+}
+
+static TMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The artifact keys of a batch's jobs. One function per artifact kind, used by the scheduler
+/// (which records them) and the workers (which read and write them).
+pub mod keys {
+    use crate::{AggregationRound, BatchNumber, CircuitId};
+
+    /// The batch file as the gateway received it: `batches/000042/batch.bin`.
+    pub fn batch_input(batch: BatchNumber) -> String {
+        format!("batches/{:06}/batch.bin", batch.0)
+    }
+
+    /// The input of one circuit, written by witness generation:
+    /// `batches/000042/r1-c2-d0/s3.input` (round 1, circuit id 2, depth 0, sequence number 3).
+    pub fn circuit_input(batch: BatchNumber, round: AggregationRound, id: CircuitId, depth: u8, seq: u32) -> String {
+        format!("batches/{:06}/r{}-c{}-d{}/s{}.input", batch.0, round as u8, id.0, depth, seq)
+    }
+
+    /// The proof of one circuit, written by its prover: `batches/000042/r1-c2-d0/s3.proof`.
+    pub fn proof(batch: BatchNumber, round: AggregationRound, id: CircuitId, depth: u8, seq: u32) -> String {
+        format!("batches/{:06}/r{}-c{}-d{}/s{}.proof", batch.0, round as u8, id.0, depth, seq)
+    }
+
+    /// The final (compressed) proof: `batches/000042/final.proof`.
+    pub fn final_proof(batch: BatchNumber) -> String {
+        format!("batches/{:06}/final.proof", batch.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn put_then_get_and_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        let key = keys::batch_input(crate::BatchNumber(7));
+        assert!(matches!(store.get(&key).await, Err(ArtifactError::NotFound { .. })));
+        store.put(&key, b"one".to_vec()).await.unwrap();
+        store.put(&key, b"two".to_vec()).await.unwrap();
+        assert_eq!(store.get(&key).await.unwrap(), b"two");
+        // No temporary file is left beside it.
+        let dir_entries = std::fs::read_dir(dir.path().join("batches/000007")).unwrap().count();
+        assert_eq!(dir_entries, 1);
+    }
+
+    #[tokio::test]
+    async fn keys_that_escape_the_root_are_refused() {
+        let store = LocalStore::new("/nonexistent");
+        for key in ["", "/etc/passwd", "../x", "a//b", "a/./b", "a b"] {
+            assert!(matches!(store.get(key).await, Err(ArtifactError::InvalidKey { .. })), "{key}");
+        }
+    }
+}
