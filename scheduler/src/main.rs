@@ -1,1 +1,113 @@
-fn main() {}
+//! `proofmesh-scheduler`: the daemon. Connects to PostgreSQL, applies the migrations, serves the
+//! gRPC API and dispatches leases until SIGINT/SIGTERM.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use proofmesh_core::{Geometry, LocalStore};
+use proofmesh_scheduler::{Settings, Shared, ZonePolicy};
+use tokio_util::sync::CancellationToken;
+
+/// A named geometry.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum GeometryName {
+    /// The production default (jobs of seconds, under 2 GiB).
+    Default,
+    /// Small circuits for tests and demos of small batches.
+    Small,
+}
+
+/// The Proofmesh scheduler.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "PROOFMESH_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: String,
+    /// PostgreSQL URL (also read from DATABASE_URL).
+    #[arg(long, env = "PROOFMESH_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Artifact store directory (final proofs are read from it for GetProof).
+    #[arg(long, env = "PROOFMESH_DATA_DIR", default_value = "data")]
+    data_dir: std::path::PathBuf,
+    /// Geometry of new batches.
+    #[arg(long, env = "PROOFMESH_GEOMETRY", value_enum, default_value = "default")]
+    geometry: GeometryName,
+    /// A lease's lifetime without a heartbeat, seconds.
+    #[arg(long, env = "PROOFMESH_LEASE_TIMEOUT_SECS", default_value_t = 120.0)]
+    lease_timeout_secs: f64,
+    /// Heartbeat interval workers are told to keep, milliseconds.
+    #[arg(long, env = "PROOFMESH_HEARTBEAT_INTERVAL_MS", default_value_t = 10_000)]
+    heartbeat_interval_ms: u32,
+    /// Attempts per job before the job and its batch fail.
+    #[arg(long, env = "PROOFMESH_MAX_ATTEMPTS", default_value_t = 3)]
+    max_attempts: i32,
+    /// Let a WVG stream to a prover of another zone when none of its zone is free (default: wait).
+    #[arg(long, env = "PROOFMESH_CROSS_ZONE")]
+    cross_zone: bool,
+    /// Database connections.
+    #[arg(long, env = "PROOFMESH_DATABASE_CONNECTIONS", default_value_t = 16)]
+    database_connections: u32,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let url = args
+        .database_url
+        .clone()
+        .or_else(|| std::env::var("DATABASE_URL").ok())
+        .context("no database: pass --database-url or set PROOFMESH_DATABASE_URL / DATABASE_URL")?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(args.database_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&url)
+        .await
+        .context("connecting to PostgreSQL")?;
+    proofmesh_scheduler::migrate(&pool).await.context("applying migrations")?;
+    let settings = Settings {
+        geometry: match args.geometry {
+            GeometryName::Default => Geometry::default(),
+            GeometryName::Small => Geometry::small(),
+        },
+        lease_secs: args.lease_timeout_secs,
+        max_attempts: args.max_attempts,
+        zone_policy: if args.cross_zone { ZonePolicy::CrossZoneWhenNoneFree } else { ZonePolicy::SameZoneOnly },
+        heartbeat_ms: args.heartbeat_interval_ms,
+    };
+    let shared = Shared::new(pool, settings, Arc::new(LocalStore::new(&args.data_dir)));
+    let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!("scheduler listening on {}", listener.local_addr()?);
+
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        on_signal.cancel();
+    });
+    let server = tokio::spawn(proofmesh_scheduler::serve(shared, listener, cancel.clone()));
+    cancel.cancelled().await;
+    // Worker streams stay open until workers notice; do not wait for them past a grace period.
+    match tokio::time::timeout(Duration::from_secs(2), server).await {
+        Ok(joined) => joined??,
+        Err(_) => tracing::info!("worker streams still open after 2 s; exiting"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,219 @@
+//! `Batches` (for the gateway) and `Admin` (for operators): submit a batch, watch it, fetch its
+//! proof; list batches and read one with its progress per round.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use proofmesh_core::{keys, BatchNumber};
+use proofmesh_proto::v1;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::db::{self, BatchRow, DbError};
+use crate::graph::COMPRESSION_ROUND;
+use crate::state::Shared;
+
+/// The `Batches` and `Admin` services.
+#[derive(Debug, Clone)]
+pub struct BatchService {
+    shared: Arc<Shared>,
+}
+
+impl BatchService {
+    /// The services over `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        BatchService { shared }
+    }
+}
+
+fn internal(e: DbError) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// The name of a round number as `BatchStatus` shows it.
+pub fn round_name(round: u32) -> &'static str {
+    match round {
+        0 => "basic",
+        1 => "leaf",
+        2 => "node",
+        3 => "recursion_tip",
+        4 => "scheduler",
+        _ => "compression",
+    }
+}
+
+/// A batch's status with per-round progress; `None` if unknown.
+pub async fn batch_status(shared: &Shared, number: i64) -> Result<Option<v1::BatchStatus>, DbError> {
+    let Some(row) = db::batch(&shared.pool, number).await? else { return Ok(None) };
+    let rounds = db::rounds(&shared.pool, number).await?;
+    Ok(Some(to_status(row, rounds)))
+}
+
+fn to_status(row: BatchRow, rounds: Vec<db::RoundRow>) -> v1::BatchStatus {
+    let state = match row.status.as_str() {
+        "proven" => v1::BatchState::Proven,
+        "failed" => v1::BatchState::Failed,
+        _ => v1::BatchState::Proving,
+    };
+    // Every round is listed, with zero totals before the batch's job graph exists.
+    let rounds = (0..=u32::from(COMPRESSION_ROUND))
+        .map(|r| {
+            let found = rounds.iter().find(|x| x.aggregation_round as u32 == r);
+            v1::RoundProgress {
+                aggregation_round: r,
+                name: round_name(r).into(),
+                total: found.map_or(0, |x| x.total as u32),
+                succeeded: found.map_or(0, |x| x.succeeded as u32),
+                failed: found.map_or(0, |x| x.failed as u32),
+                in_progress: found.map_or(0, |x| x.in_progress as u32),
+            }
+        })
+        .collect();
+    v1::BatchStatus {
+        batch_number: row.batch_number as u32,
+        state: state as i32,
+        protocol_version: Some(v1::ProtocolVersion { minor: row.protocol_minor as u32, patch: row.protocol_patch as u32 }),
+        rounds,
+        error: row.error.unwrap_or_default(),
+        created_unix_ms: row.created_ms as u64,
+        finished_unix_ms: row.finished_ms.unwrap_or(0) as u64,
+        compute_secs: row.compute_secs,
+    }
+}
+
+fn is_final(s: &v1::BatchStatus) -> bool {
+    s.state == v1::BatchState::Proven as i32 || s.state == v1::BatchState::Failed as i32
+}
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<v1::BatchStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::batches_server::Batches for BatchService {
+    async fn submit_batch(
+        &self,
+        request: Request<v1::SubmitBatchRequest>,
+    ) -> Result<Response<v1::SubmitBatchResponse>, Status> {
+        let r = request.into_inner();
+        let version = r
+            .protocol_version
+            .and_then(|v| v.to_core())
+            .ok_or_else(|| Status::invalid_argument("protocol_version is required (minor and patch < 65536)"))?;
+        let batch = BatchNumber(r.batch_number);
+        let expected = keys::batch_input(batch);
+        if r.input_key != expected {
+            return Err(Status::invalid_argument(format!("input_key must be `{expected}` for batch {batch}")));
+        }
+        let created = db::submit_batch(
+            &self.shared.pool,
+            batch,
+            version,
+            &self.shared.settings.geometry,
+            &r.input_key,
+            r.priority,
+            self.shared.settings.max_attempts,
+        )
+        .await
+        .map_err(internal)?;
+        if created {
+            tracing::info!(%batch, %version, "batch submitted");
+            self.shared.batch_changed(batch.0.into());
+            self.shared.wake_dispatcher();
+        }
+        Ok(Response::new(v1::SubmitBatchResponse { created }))
+    }
+
+    type WatchBatchStream = StatusStream;
+
+    async fn watch_batch(&self, request: Request<v1::WatchBatchRequest>) -> Result<Response<StatusStream>, Status> {
+        let number = i64::from(request.into_inner().batch_number);
+        // Subscribe before reading, so no change between the read and the subscription is missed.
+        let mut events = self.shared.batch_events.subscribe();
+        let first = batch_status(&self.shared, number)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("batch {number} was never submitted")))?;
+        let shared = self.shared.clone();
+        let stream = async_stream(move |tx| async move {
+            let mut last = first.clone();
+            if tx.send(Ok(first)).await.is_err() || is_final(&last) {
+                return;
+            }
+            loop {
+                match events.recv().await {
+                    Ok(b) if b != number => continue,
+                    Ok(_) | Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
+                }
+                let now = match batch_status(&shared, number).await {
+                    Ok(Some(s)) => s,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(internal(e))).await;
+                        return;
+                    }
+                };
+                if now != last {
+                    last = now.clone();
+                    if tx.send(Ok(now)).await.is_err() || is_final(&last) {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn get_proof(&self, request: Request<v1::GetProofRequest>) -> Result<Response<v1::GetProofResponse>, Status> {
+        let number = i64::from(request.into_inner().batch_number);
+        let row = db::batch(&self.shared.pool, number)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("batch {number} was never submitted")))?;
+        let Some(key) = row.proof_key.filter(|_| row.status == "proven") else {
+            return Err(Status::failed_precondition(format!("batch {number} is {}, not proven", row.status)));
+        };
+        let proof = self.shared.artifacts.get(&key).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(v1::GetProofResponse { proof_key: key, proof }))
+    }
+}
+
+/// A stream fed by a task: `body` gets the sender.
+fn async_stream<F, Fut>(body: F) -> StatusStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<v1::BatchStatus, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl v1::admin_server::Admin for BatchService {
+    async fn list_batches(
+        &self,
+        request: Request<v1::ListBatchesRequest>,
+    ) -> Result<Response<v1::ListBatchesResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => 100,
+            n => i64::from(n.min(10_000)),
+        };
+        let rows = db::batches(&self.shared.pool, limit).await.map_err(internal)?;
+        let mut batches = Vec::with_capacity(rows.len());
+        for row in rows {
+            let rounds = db::rounds(&self.shared.pool, row.batch_number).await.map_err(internal)?;
+            batches.push(to_status(row, rounds));
+        }
+        Ok(Response::new(v1::ListBatchesResponse { batches }))
+    }
+
+    async fn get_batch(&self, request: Request<v1::GetBatchRequest>) -> Result<Response<v1::BatchStatus>, Status> {
+        let number = i64::from(request.into_inner().batch_number);
+        batch_status(&self.shared, number)
+            .await
+            .map_err(internal)?
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("batch {number} was never submitted")))
+    }
+}

@@ -1,0 +1,50 @@
+//! Proofmesh's scheduler: the only process that talks to PostgreSQL. It owns the job state of
+//! every batch (DESIGN.md section 4) and pushes `(aggregation_round, circuit_id)` leases to
+//! workers over their `Scheduler.Work` streams as soon as work exists.
+//!
+//! - [`graph`]: the jobs of a batch and their dependencies, from the geometry.
+//! - [`db`]: every SQL statement (compare-and-set transitions, leasing with `SKIP LOCKED`).
+//! - [`registry`]: the connected workers, their credits and prover slots; zone matching.
+//! - [`dispatch`]: the task that turns queued jobs and credits into leases.
+//! - [`work`], [`batches`]: the gRPC services.
+
+pub mod batches;
+pub mod db;
+pub mod dispatch;
+pub mod graph;
+pub mod registry;
+pub mod state;
+pub mod work;
+
+use std::sync::Arc;
+
+use proofmesh_proto::v1;
+use tokio_util::sync::CancellationToken;
+
+pub use registry::ZonePolicy;
+pub use state::{Settings, Shared};
+
+/// Applies the migrations in `scheduler/migrations` (idempotent).
+pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    sqlx::migrate!("./migrations").run(pool).await
+}
+
+/// Serves `Scheduler`, `Batches`, `Admin`, reflection and health on `listener` and runs the
+/// dispatcher, until `cancel`. Errors: the transport failed.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let dispatcher = tokio::spawn(dispatch::run(shared.clone(), cancel.clone()));
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(v1::scheduler_server::SchedulerServer::new(work::WorkService::new(shared.clone())))
+        .add_service(v1::batches_server::BatchesServer::new(batches::BatchService::new(shared.clone())))
+        .add_service(v1::admin_server::AdminServer::new(batches::BatchService::new(shared.clone())));
+    let router = proofmesh_proto::reflection_and_health(router)?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    router.serve_with_incoming_shutdown(incoming, cancel.cancelled_owned()).await?;
+    dispatcher.await?;
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! The connected workers: the only state the scheduler keeps in memory (it is rebuilt by the
+//! workers reconnecting). Holds each worker's credits (leases it can still take), each prover's
+//! free slots, and which prover slot each WVG lease holds.
+
+use std::collections::HashMap;
+
+use proofmesh_proto::v1::{Role, SchedulerMessage};
+use tokio::sync::mpsc;
+use tonic::Status;
+use uuid::Uuid;
+
+/// What the scheduler sends down a worker's `Work` stream.
+pub type Outbox = mpsc::Sender<Result<SchedulerMessage, Status>>;
+
+/// One connected worker.
+#[derive(Debug)]
+pub struct Conn {
+    /// Scheduler-assigned id (also `workers.id`).
+    pub id: String,
+    /// The name it gave, for logs.
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+    /// Its zone.
+    pub zone: String,
+    /// Its host.
+    pub host: String,
+    /// Provers: slots (witness vectors proven at once). Others: informational.
+    pub capacity: u32,
+    /// Provers: where their `Prover` service listens.
+    pub prover_endpoint: String,
+    /// Packed protocol versions it accepts (empty: all).
+    pub versions: Vec<i32>,
+    /// Leases it can still take.
+    pub credits: u32,
+    /// Provers: slots held by WVG leases.
+    pub slots_used: u32,
+    /// Its stream.
+    pub outbox: Outbox,
+}
+
+/// When a WVG may be matched with a prover of another zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZonePolicy {
+    /// Never: wait for a prover of the WVG's zone.
+    SameZoneOnly,
+    /// When no prover of its zone is free.
+    CrossZoneWhenNoneFree,
+}
+
+/// The connected workers.
+#[derive(Debug, Default)]
+pub struct Registry {
+    workers: HashMap<String, Conn>,
+    /// WVG lease -> the prover whose slot it holds.
+    slots: HashMap<Uuid, String>,
+}
+
+impl Registry {
+    /// Adds a worker.
+    pub fn add(&mut self, conn: Conn) {
+        self.workers.insert(conn.id.clone(), conn);
+    }
+
+    /// Removes a worker; the slots its WVG leases held on provers are freed.
+    pub fn remove(&mut self, id: &str) -> Option<Conn> {
+        let conn = self.workers.remove(id)?;
+        let held: Vec<Uuid> = self.slots.iter().filter(|(_, p)| p.as_str() == id).map(|(l, _)| *l).collect();
+        for lease in held {
+            self.slots.remove(&lease);
+        }
+        Some(conn)
+    }
+
+    /// A worker by id.
+    pub fn get(&self, id: &str) -> Option<&Conn> {
+        self.workers.get(id)
+    }
+
+    /// A worker by id, mutably.
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut Conn> {
+        self.workers.get_mut(id)
+    }
+
+    /// Workers that take leases (not provers) and have credits, by id.
+    pub fn ready(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .workers
+            .values()
+            .filter(|c| c.credits > 0 && c.role != Role::Prover)
+            .map(|c| c.id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// The prover for a lease of `wvg`: one with a free slot on the same host first, then in the
+    /// same zone, then (only under [`ZonePolicy::CrossZoneWhenNoneFree`]) any; among equals the
+    /// one with the most free slots. `None` if no prover qualifies.
+    pub fn pick_prover(&self, wvg: &Conn, policy: ZonePolicy) -> Option<String> {
+        let mut best: Option<(u8, u32, &str)> = None;
+        for p in self.workers.values().filter(|p| p.role == Role::Prover && p.slots_used < p.capacity) {
+            let locality = match (p.zone == wvg.zone, p.host == wvg.host) {
+                (true, true) => 0,
+                (true, false) => 1,
+                (false, _) if policy == ZonePolicy::CrossZoneWhenNoneFree => 2,
+                _ => continue,
+            };
+            let free = p.capacity - p.slots_used;
+            let key = (locality, u32::MAX - free, p.id.as_str());
+            if best.is_none_or(|b| key < b) {
+                best = Some(key);
+            }
+        }
+        best.map(|(_, _, id)| id.to_string())
+    }
+
+    /// Holds a slot of `prover` for `lease`.
+    pub fn hold_slot(&mut self, prover: &str, lease: Uuid) {
+        if let Some(p) = self.workers.get_mut(prover) {
+            p.slots_used += 1;
+            self.slots.insert(lease, prover.to_string());
+        }
+    }
+
+    /// Frees the prover slot `lease` held, if any. Returns whether one was freed.
+    pub fn free_slot(&mut self, lease: Uuid) -> bool {
+        let Some(prover) = self.slots.remove(&lease) else { return false };
+        if let Some(p) = self.workers.get_mut(&prover) {
+            p.slots_used = p.slots_used.saturating_sub(1);
+        }
+        true
+    }
+
+    /// Connected workers as `(role, zone, count)`.
+    pub fn census(&self) -> Vec<(Role, String, usize)> {
+        let mut m: HashMap<(i32, String), usize> = HashMap::new();
+        for c in self.workers.values() {
+            *m.entry((c.role as i32, c.zone.clone())).or_default() += 1;
+        }
+        let mut v: Vec<_> =
+            m.into_iter().map(|((r, z), n)| (Role::try_from(r).unwrap_or(Role::Unspecified), z, n)).collect();
+        v.sort_by(|a, b| (a.0 as i32, &a.1).cmp(&(b.0 as i32, &b.1)));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(id: &str, role: Role, zone: &str, host: &str, capacity: u32) -> Conn {
+        let (outbox, _) = mpsc::channel(1);
+        Conn {
+            id: id.into(),
+            name: id.into(),
+            role,
+            zone: zone.into(),
+            host: host.into(),
+            capacity,
+            prover_endpoint: format!("http://{id}"),
+            versions: vec![],
+            credits: 1,
+            slots_used: 0,
+            outbox,
+        }
+    }
+
+    #[test]
+    fn same_host_then_same_zone_and_never_across_zones_by_default() {
+        let mut r = Registry::default();
+        r.add(conn("wvg", Role::Wvg, "a", "h1", 4));
+        r.add(conn("p-b", Role::Prover, "b", "h3", 8));
+        r.add(conn("p-a-other", Role::Prover, "a", "h2", 1));
+        r.add(conn("p-a-local", Role::Prover, "a", "h1", 1));
+        let wvg = || r.get("wvg").unwrap();
+        assert_eq!(r.pick_prover(wvg(), ZonePolicy::SameZoneOnly).as_deref(), Some("p-a-local"));
+        let l1 = Uuid::new_v4();
+        r.hold_slot("p-a-local", l1);
+        let wvg = || r.get("wvg").unwrap();
+        assert_eq!(r.pick_prover(wvg(), ZonePolicy::SameZoneOnly).as_deref(), Some("p-a-other"));
+        r.hold_slot("p-a-other", Uuid::new_v4());
+        // Zone a is full: the zone-b prover is free but never picked under the default policy.
+        let wvg = || r.get("wvg").unwrap();
+        assert_eq!(r.pick_prover(wvg(), ZonePolicy::SameZoneOnly), None);
+        assert_eq!(r.pick_prover(wvg(), ZonePolicy::CrossZoneWhenNoneFree).as_deref(), Some("p-b"));
+        // A slot freed in zone a is preferred again.
+        assert!(r.free_slot(l1));
+        let wvg = r.get("wvg").unwrap();
+        assert_eq!(r.pick_prover(wvg, ZonePolicy::CrossZoneWhenNoneFree).as_deref(), Some("p-a-local"));
+    }
+}
