@@ -11,6 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     compiler.open_files(files)?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("proofmesh_descriptor.bin"), compiler.encode_file_descriptor_set())?;
-    tonic_prost_build::configure().compile_fds(compiler.file_descriptor_set())?;
+    // Witness-vector chunks are `Bytes`: sliced from one buffer on send, no copy on receive.
+    tonic_prost_build::configure()
+        .bytes(".proofmesh.v1.WitnessVectorChunk.data")
+        .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

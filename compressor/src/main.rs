@@ -1,1 +1,124 @@
-fn main() {}
+//! `proofmesh-compressor run`: the compression stage as a worker (wraps each batch's scheduler
+//! proof into the small final proof). `proofmesh-compressor verify --proof F --batch F`: checks a
+//! final proof from its bytes and the batch file alone (exit status 0 if valid, 1 if not).
+
+mod stage;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use proofmesh_circuits::final_proof::verify;
+use proofmesh_core::LocalStore;
+use proofmesh_proto::v1::Role;
+use proofmesh_worker::lease::{LeaseClient, Registration};
+use proofmesh_worker::runner;
+use proofmesh_worker::setups::Setups;
+use tokio_util::sync::CancellationToken;
+
+/// The Proofmesh compressor.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Setup data cache directory (verification builds the compression verifier data there if absent).
+    #[arg(long, env = "PROOFMESH_SETUP_DIR", default_value = ".setup-cache", global = true)]
+    setup_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Runs the compression stage as a worker of the scheduler.
+    Run {
+        /// The scheduler's URL.
+        #[arg(long, env = "PROOFMESH_SCHEDULER", default_value = "http://127.0.0.1:50051")]
+        scheduler: String,
+        /// Artifact store directory.
+        #[arg(long, env = "PROOFMESH_DATA_DIR", default_value = "data")]
+        data_dir: PathBuf,
+        /// Zone.
+        #[arg(long, env = "PROOFMESH_ZONE", default_value = "local")]
+        zone: String,
+        /// Region.
+        #[arg(long, env = "PROOFMESH_REGION", default_value = "local")]
+        region: String,
+        /// Name for logs.
+        #[arg(long, env = "PROOFMESH_NAME", default_value = "")]
+        name: String,
+        /// Batches compressed at once.
+        #[arg(long, env = "PROOFMESH_CAPACITY", default_value_t = 1)]
+        capacity: u32,
+    },
+    /// Verifies a final proof against a batch file.
+    Verify {
+        /// The final proof (`<batch>.proof` from the gateway's outbox).
+        #[arg(long)]
+        proof: PathBuf,
+        /// The batch file it should prove.
+        #[arg(long)]
+        batch: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Verify { proof, batch } => {
+            let proof_bytes = std::fs::read(&proof).with_context(|| format!("reading {}", proof.display()))?;
+            let batch_bytes = std::fs::read(&batch).with_context(|| format!("reading {}", batch.display()))?;
+            match verify(&proof_bytes, &batch_bytes, &cli.setup_dir) {
+                Ok(public) => {
+                    println!(
+                        "valid: {} proves batch {} (protocol {}), {} bytes",
+                        proof.display(),
+                        public.batch_number,
+                        public.protocol_version,
+                        proof_bytes.len()
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    println!("invalid: {} does not prove {}: {e}", proof.display(), batch.display());
+                    std::process::exit(1);
+                }
+            }
+        }
+        Command::Run { scheduler, data_dir, zone, region, name, capacity } => {
+            anyhow::ensure!(capacity >= 1, "--capacity must be at least 1");
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async move {
+                let cancel = CancellationToken::new();
+                let on_signal = cancel.clone();
+                tokio::spawn(async move {
+                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+                    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+                    on_signal.cancel();
+                });
+                let reg = Registration {
+                    scheduler,
+                    role: Role::Compressor,
+                    name,
+                    zone,
+                    region,
+                    host: std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
+                    capacity,
+                    prover_endpoint: String::new(),
+                    protocol_versions: vec![],
+                };
+                let stage = Arc::new(stage::Compressor {
+                    artifacts: Arc::new(LocalStore::new(&data_dir)),
+                    setups: Arc::new(Setups::new(&cli.setup_dir)),
+                });
+                let (client, leases) = LeaseClient::start(reg, cancel.clone());
+                runner::run(client, leases, stage, cancel).await;
+            });
+            Ok(())
+        }
+    }
+}

@@ -1,1 +1,140 @@
-fn main() {}
+//! `proofmesh-worker --role witness-generator|wvg|prover`: registers with the scheduler and works
+//! leases until SIGINT/SIGTERM.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use proofmesh_core::{ArtifactStore, LocalStore};
+use proofmesh_proto::v1::{self, Role};
+use proofmesh_worker::lease::{LeaseClient, Registration};
+use proofmesh_worker::prover::ProverService;
+use proofmesh_worker::runner::{self, Stage};
+use proofmesh_worker::setups::Setups;
+use proofmesh_worker::stream::{CONNECTION_WINDOW, STREAM_WINDOW};
+use proofmesh_worker::{wg, wvg};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// A worker role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RoleArg {
+    /// Builds each round's circuit inputs.
+    WitnessGenerator,
+    /// Synthesizes witness vectors and streams them to provers.
+    Wvg,
+    /// Proves witness vectors it is sent.
+    Prover,
+}
+
+/// A Proofmesh worker.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The role.
+    #[arg(long, env = "PROOFMESH_ROLE", value_enum)]
+    role: RoleArg,
+    /// The scheduler's URL.
+    #[arg(long, env = "PROOFMESH_SCHEDULER", default_value = "http://127.0.0.1:50051")]
+    scheduler: String,
+    /// Zone (in Kubernetes, from topology.kubernetes.io/zone).
+    #[arg(long, env = "PROOFMESH_ZONE", default_value = "local")]
+    zone: String,
+    /// Region.
+    #[arg(long, env = "PROOFMESH_REGION", default_value = "local")]
+    region: String,
+    /// Host name (a WVG gets a prover on the same host first); default: this machine's.
+    #[arg(long, env = "PROOFMESH_HOST")]
+    host: Option<String>,
+    /// Name for logs and Admin; default: made up by the scheduler.
+    #[arg(long, env = "PROOFMESH_NAME", default_value = "")]
+    name: String,
+    /// Jobs at once (provers: witness vectors proven at once).
+    #[arg(long, env = "PROOFMESH_CAPACITY", default_value_t = 1)]
+    capacity: u32,
+    /// Artifact store directory.
+    #[arg(long, env = "PROOFMESH_DATA_DIR", default_value = "data")]
+    data_dir: std::path::PathBuf,
+    /// Setup data cache directory.
+    #[arg(long, env = "PROOFMESH_SETUP_DIR", default_value = ".setup-cache")]
+    setup_dir: std::path::PathBuf,
+    /// Provers: address to serve `Prover` on (port 0: any free port).
+    #[arg(long, env = "PROOFMESH_LISTEN", default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Provers: the URL others reach it at; default `http://<listen address>`.
+    #[arg(long, env = "PROOFMESH_ADVERTISE")]
+    advertise: Option<String>,
+}
+
+fn this_host() -> String {
+    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    anyhow::ensure!(args.capacity >= 1, "--capacity must be at least 1");
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
+        on_signal.cancel();
+    });
+
+    let artifacts: Arc<dyn ArtifactStore> = Arc::new(LocalStore::new(&args.data_dir));
+    let setups = Arc::new(Setups::new(&args.setup_dir));
+    let role = match args.role {
+        RoleArg::WitnessGenerator => Role::WitnessGenerator,
+        RoleArg::Wvg => Role::Wvg,
+        RoleArg::Prover => Role::Prover,
+    };
+    let mut reg = Registration {
+        scheduler: args.scheduler.clone(),
+        role,
+        name: args.name.clone(),
+        zone: args.zone.clone(),
+        region: args.region.clone(),
+        host: args.host.clone().unwrap_or_else(this_host),
+        capacity: args.capacity,
+        prover_endpoint: String::new(),
+        protocol_versions: vec![],
+    };
+
+    if role == Role::Prover {
+        let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        reg.prover_endpoint = args.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+        tracing::info!("prover serving on {addr}, advertised as {}", reg.prover_endpoint);
+        let (client, _no_leases) = LeaseClient::start(reg, cancel.clone());
+        let service = ProverService {
+            slots: Arc::new(Semaphore::new(args.capacity as usize)),
+            artifacts,
+            setups,
+            client,
+            cancel: cancel.clone(),
+        };
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .add_service(v1::prover_server::ProverServer::new(service).max_decoding_message_size(8 << 20));
+        let router = proofmesh_proto::reflection_and_health(router)?;
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        router.serve_with_incoming_shutdown(incoming, cancel.cancelled_owned()).await?;
+        return Ok(());
+    }
+
+    let stage: Arc<dyn Stage> = match role {
+        Role::WitnessGenerator => Arc::new(wg::WitnessGenerator { artifacts }),
+        _ => Arc::new(wvg::WitnessVectorGenerator { artifacts, setups, channels: Mutex::new(HashMap::new()) }),
+    };
+    let (client, leases) = LeaseClient::start(reg, cancel.clone());
+    runner::run(client, leases, stage, cancel).await;
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! The compression stage: the scheduler proof of a batch in, the final proof out
+//! (`proofmesh_circuits::final_proof` format), saved under the batch's final-proof key.
+
+use std::sync::Arc;
+
+use proofmesh_circuits::final_proof::FinalProof;
+use proofmesh_circuits::plonky2::plonk::proof::ProofWithPublicInputs;
+use proofmesh_circuits::prover::{run_job, JobInput};
+use proofmesh_circuits::setup::{CircuitKey, SetupStore};
+use proofmesh_core::{ArtifactStore, ProtocolVersion};
+use proofmesh_proto::v1;
+use proofmesh_worker::cpu::measured;
+use proofmesh_worker::runner::{blocking, JobError, Outcome, Stage};
+use proofmesh_worker::setups::{version_and_geometry, Setups};
+use proofmesh_worker::wg::read_all;
+
+/// Compresses a scheduler proof into the final proof's bytes. Errors: bytes that are not a
+/// scheduler proof of this version and geometry (not retryable).
+pub fn compress(setups: &Setups, store: &SetupStore, version: ProtocolVersion, scheduler_proof: Vec<u8>) -> Result<Vec<u8>, JobError> {
+    let vd = store.verifier(CircuitKey::Scheduler).map_err(|e| JobError::retry(format!("{e:#}")))?;
+    let proof = ProofWithPublicInputs::from_bytes(scheduler_proof, &vd.common)
+        .map_err(|_| JobError::fatal("the input is not a scheduler proof of this protocol version and geometry"))?;
+    let circuit = setups.circuit(store, CircuitKey::Compression)?;
+    let (compressed, _) = run_job(&circuit, &JobInput::Compression(proof)).map_err(|e| JobError::fatal(format!("{e:#}")))?;
+    let final_proof = FinalProof::new(store, version, compressed).map_err(|e| JobError::fatal(format!("{e:#}")))?;
+    Ok(final_proof.to_bytes())
+}
+
+/// The compressor's stage.
+#[derive(Debug)]
+pub struct Compressor {
+    /// Where the scheduler proof is read and the final proof written.
+    pub artifacts: Arc<dyn ArtifactStore>,
+    /// Setup data.
+    pub setups: Arc<Setups>,
+}
+
+#[async_trait::async_trait]
+impl Stage for Compressor {
+    async fn handle(&self, lease: &v1::Lease) -> Result<Outcome, JobError> {
+        let (version, geometry) = version_and_geometry(lease.protocol_version.as_ref(), lease.geometry.as_ref())?;
+        if lease.output_key.is_empty() {
+            return Err(JobError::fatal("compression lease without an output key"));
+        }
+        let input = read_all(self.artifacts.as_ref(), &lease.input_keys).await?.pop().ok_or_else(|| JobError::fatal("no scheduler proof"))?;
+        let setups = self.setups.clone();
+        let (bytes, secs) = blocking(move || {
+            let store = setups.store(version, geometry)?;
+            let (r, secs) = measured(|| compress(&setups, &store, version, input));
+            r.map(|b| (b, secs))
+        })
+        .await?;
+        let size = bytes.len() as u64;
+        self.artifacts.put(&lease.output_key, bytes).await.map_err(|e| JobError::retry(e.to_string()))?;
+        Ok(Outcome::Completed(v1::Completed { lease_id: String::new(), circuits: vec![], compute_secs: secs, output_bytes: size }))
+    }
+}

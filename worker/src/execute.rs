@@ -1,0 +1,127 @@
+//! The executors: plain functions of their inputs (no network, no database), run on blocking
+//! threads by the stages. Errors say whether another attempt can help ([`JobError`]).
+
+use proofmesh_circuits::basic::{chunk_inputs, BasicCircuit};
+use proofmesh_circuits::batch::Batch;
+use proofmesh_circuits::job_input::EncodedInput;
+use proofmesh_circuits::prover::witness;
+use proofmesh_circuits::setup::{CircuitKey, SetupStore};
+use proofmesh_circuits::state::replay;
+use proofmesh_circuits::witness_vector::{self, WitnessVector};
+use proofmesh_core::{keys, AggregationRound, BatchNumber, CircuitId, Geometry, ProtocolVersion};
+
+use crate::runner::JobError;
+use crate::setups::Setups;
+
+/// What witness generation produced: circuit inputs under their keys, and the count per circuit id.
+#[derive(Debug, Default)]
+pub struct Circuits {
+    /// `(artifact key, circuit-input bytes)`, one per circuit.
+    pub inputs: Vec<(String, Vec<u8>)>,
+    /// Circuits per circuit id, in circuit-id order.
+    pub counts: Vec<(CircuitId, u32)>,
+}
+
+/// Which witness-generation job: the round, circuit id and depth whose circuits it builds.
+#[derive(Debug, Clone, Copy)]
+pub struct WgJob {
+    /// The batch.
+    pub batch: BatchNumber,
+    /// Its protocol version.
+    pub version: ProtocolVersion,
+    /// Its geometry.
+    pub geometry: Geometry,
+    /// The round whose circuits are built.
+    pub round: AggregationRound,
+    /// The circuit id (rounds 1 and 2).
+    pub circuit_id: CircuitId,
+    /// Node depth (round 2).
+    pub depth: u8,
+}
+
+/// Witness generation of one job. `inputs` are, for round 0, the batch file; for rounds 1 and 2
+/// the proofs to aggregate in sequence order; for round 3 the top node proof of each type (with
+/// `depths`); for round 4 the recursion tip proof.
+///
+/// Errors (not retryable): a batch that does not parse or replay, or inputs of the wrong count.
+pub fn witness_generation(job: WgJob, inputs: Vec<Vec<u8>>, depths: &[u32]) -> Result<Circuits, JobError> {
+    let b = job.batch;
+    let key = |round, id, depth, seq| keys::circuit_input(b, round, id, depth, seq);
+    let mut out = Circuits::default();
+    match job.round {
+        AggregationRound::BasicCircuits => {
+            let [bytes] = <[Vec<u8>; 1]>::try_from(inputs).map_err(|_| JobError::fatal("round 0 takes one batch file"))?;
+            let batch = Batch::from_bytes(&bytes).map_err(|e| JobError::fatal(format!("batch {b}: {e}")))?;
+            if batch.number != b {
+                return Err(JobError::fatal(format!("the file holds batch {}, not batch {b}", batch.number)));
+            }
+            if batch.state_tree_depth != job.geometry.state_tree_depth {
+                return Err(JobError::fatal(format!(
+                    "batch {b} has a state tree of depth {}, the geometry expects {}",
+                    batch.state_tree_depth, job.geometry.state_tree_depth
+                )));
+            }
+            let replay = replay(&batch).map_err(|e| JobError::fatal(format!("batch {b}: {e}")))?;
+            for t in BasicCircuit::ALL {
+                let chunks = chunk_inputs(&batch, &replay, &job.geometry, t);
+                out.counts.push((t.id(), chunks.len() as u32));
+                for (seq, input) in chunks.into_iter().enumerate() {
+                    out.inputs.push((key(job.round, t.id(), 0, seq as u32), EncodedInput::Basic(input).to_bytes()));
+                }
+            }
+        }
+        AggregationRound::LeafAggregation | AggregationRound::NodeAggregation => {
+            let t = BasicCircuit::from_id(job.circuit_id)
+                .ok_or_else(|| JobError::fatal(format!("no basic circuit type {}", job.circuit_id)))?;
+            let (inner, fan_in) = match (job.round, job.depth) {
+                (AggregationRound::LeafAggregation, _) => (CircuitKey::Basic(t), job.geometry.leaf_fan_in),
+                (_, 0) => (CircuitKey::Leaf(t), job.geometry.node_fan_in),
+                (_, d) => (CircuitKey::Node(t, d - 1), job.geometry.node_fan_in),
+            };
+            if inputs.is_empty() {
+                return Err(JobError::fatal("aggregation without inputs"));
+            }
+            for (seq, group) in inputs.chunks(fan_in.into()).enumerate() {
+                let input = EncodedInput::Aggregation { inner, proofs: group.to_vec() };
+                out.inputs.push((key(job.round, job.circuit_id, job.depth, seq as u32), input.to_bytes()));
+            }
+            out.counts.push((job.circuit_id, out.inputs.len() as u32));
+        }
+        AggregationRound::RecursionTip => {
+            if inputs.len() != BasicCircuit::ALL.len() || depths.len() != inputs.len() {
+                return Err(JobError::fatal(format!("the recursion tip takes {} node proofs", BasicCircuit::ALL.len())));
+            }
+            let per_type = depths.iter().map(|d| *d as u8).zip(inputs).collect();
+            out.inputs.push((key(job.round, CircuitId(0), 0, 0), EncodedInput::Tip(per_type).to_bytes()));
+            out.counts.push((CircuitId(0), 1));
+        }
+        AggregationRound::Scheduler => {
+            let [tip] = <[Vec<u8>; 1]>::try_from(inputs).map_err(|_| JobError::fatal("the scheduler takes one tip proof"))?;
+            let input = EncodedInput::Scheduler { tip, batch: b, version: job.version };
+            out.inputs.push((key(job.round, CircuitId(0), 0, 0), input.to_bytes()));
+            out.counts.push((CircuitId(0), 1));
+        }
+    }
+    Ok(out)
+}
+
+/// Witness vector generation: the circuit input's full assignment for circuit `key`, serialized.
+/// Errors: a corrupt circuit input or one the circuit does not accept (not retryable); setup data
+/// that cannot be obtained (retryable).
+pub fn synthesize(setups: &Setups, store: &SetupStore, key: CircuitKey, input: &[u8]) -> Result<Vec<u8>, JobError> {
+    let encoded = EncodedInput::from_bytes(input).map_err(|e| JobError::fatal(e.to_string()))?;
+    let input = encoded.decode(store).map_err(|e| JobError::fatal(e.to_string()))?;
+    let circuit = setups.circuit(store, key)?;
+    let partial = witness(&circuit, &input).map_err(|e| JobError::fatal(format!("{e:#}")))?;
+    let wv = witness_vector::synthesize(&circuit, partial).map_err(|e| JobError::fatal(format!("{e:#}")))?;
+    Ok(wv.to_bytes())
+}
+
+/// Proving: a serialized witness vector of circuit `key` to plonky2 proof bytes (checked natively).
+/// Errors: a vector for another circuit or one that does not satisfy it (not retryable).
+pub fn prove(setups: &Setups, store: &SetupStore, key: CircuitKey, wv: &[u8]) -> Result<Vec<u8>, JobError> {
+    let wv = WitnessVector::from_bytes(wv).map_err(|e| JobError::fatal(e.to_string()))?;
+    let circuit = setups.circuit(store, key)?;
+    let proof = witness_vector::prove(&circuit, wv).map_err(|e| JobError::fatal(format!("{e:#}")))?;
+    Ok(proof.to_bytes())
+}

@@ -1,0 +1,93 @@
+//! The prover role: serves `Prover.PushWitnessVector`. A push takes one of its slots (else
+//! `RESOURCE_EXHAUSTED`), is received whole and checked, acknowledged, then proven; the proof is
+//! saved under the job's key and the completion reported on the prover's own `Work` stream.
+
+use std::sync::Arc;
+
+use proofmesh_core::ArtifactStore;
+use proofmesh_proto::v1;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::cpu::measured;
+use crate::execute::prove;
+use crate::lease::LeaseClient;
+use crate::runner::{blocking, JobError};
+use crate::setups::{circuit_key, version_and_geometry, Setups};
+use crate::stream::receive;
+
+/// The `Prover` service of one prover worker.
+#[derive(Debug, Clone)]
+pub struct ProverService {
+    /// Free proving slots (the capacity registered with the scheduler).
+    pub slots: Arc<Semaphore>,
+    /// Where proofs are saved.
+    pub artifacts: Arc<dyn ArtifactStore>,
+    /// Setup data.
+    pub setups: Arc<Setups>,
+    /// The prover's own stream to the scheduler, for completions.
+    pub client: Arc<LeaseClient>,
+    /// Shutdown.
+    pub cancel: CancellationToken,
+}
+
+#[tonic::async_trait]
+impl v1::prover_server::Prover for ProverService {
+    async fn push_witness_vector(
+        &self,
+        request: Request<Streaming<v1::WitnessVectorChunk>>,
+    ) -> Result<Response<v1::PushReceipt>, Status> {
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| Status::resource_exhausted("no free proving slot"))?;
+        let (header, wv) = receive(request.into_inner()).await?;
+        let received = wv.len() as u64;
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _slot = permit;
+            let lease = header.lease_id.clone();
+            match this.prove_and_save(header, wv).await {
+                Ok(c) => this.client.completed(c, &this.cancel).await,
+                Err(e) => {
+                    tracing::warn!(lease, "proving failed: {e}");
+                    this.client.failed(&lease, &e.message, e.retryable, &this.cancel).await;
+                }
+            }
+        });
+        Ok(Response::new(v1::PushReceipt { received_bytes: received }))
+    }
+}
+
+impl ProverService {
+    async fn prove_and_save(&self, header: v1::WitnessVectorHeader, wv: Vec<u8>) -> Result<v1::Completed, JobError> {
+        let job = header.job.clone().unwrap_or_default();
+        let (version, geometry) = version_and_geometry(header.protocol_version.as_ref(), header.geometry.as_ref())?;
+        let key = circuit_key(&job)?;
+        if header.output_key.is_empty() {
+            return Err(JobError::fatal("witness vector without an output key"));
+        }
+        let setups = self.setups.clone();
+        let (proof, secs) = blocking(move || {
+            let store = setups.store(version, geometry)?;
+            let (r, secs) = measured(|| prove(&setups, &store, key, &wv));
+            r.map(|p| (p, secs))
+        })
+        .await?;
+        let bytes = proof.len() as u64;
+        self.artifacts.put(&header.output_key, proof).await.map_err(|e| JobError::retry(e.to_string()))?;
+        tracing::info!(
+            lease = header.lease_id,
+            "batch {} round {} circuit {} depth {} seq {}: proven in {secs:.2} CPU s",
+            job.batch_number,
+            job.aggregation_round,
+            job.circuit_id,
+            job.depth,
+            job.sequence_number
+        );
+        Ok(v1::Completed {
+            lease_id: header.lease_id,
+            circuits: vec![],
+            compute_secs: header.wvg_compute_secs + secs,
+            output_bytes: bytes,
+        })
+    }
+}

@@ -1,0 +1,97 @@
+//! Setup data for the leases a worker gets: one [`SetupStore`] per (protocol version, geometry),
+//! and a bound on how many circuits' prover data stay in memory.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use proofmesh_circuits::basic::BasicCircuit;
+use proofmesh_circuits::setup::{Circuit, CircuitKey, SetupStore};
+use proofmesh_core::{CircuitId, Geometry, ProtocolVersion};
+use proofmesh_proto::v1;
+
+use crate::runner::JobError;
+
+/// Circuits whose prover data a worker keeps loaded (tens to hundreds of MB each).
+const KEEP_LOADED: usize = 4;
+
+/// The setup stores of one worker.
+pub struct Setups {
+    root: PathBuf,
+    stores: Mutex<HashMap<(ProtocolVersion, Geometry), Arc<SetupStore>>>,
+    loaded: Mutex<Vec<CircuitKey>>,
+}
+
+/// The protocol version and geometry a lease (or witness vector header) names.
+pub fn version_and_geometry(
+    v: Option<&v1::ProtocolVersion>,
+    g: Option<&v1::Geometry>,
+) -> Result<(ProtocolVersion, Geometry), JobError> {
+    let version = v.and_then(|v| v.to_core()).ok_or_else(|| JobError::fatal("lease without a protocol version"))?;
+    let geometry = g
+        .ok_or_else(|| JobError::fatal("lease without a geometry"))?
+        .to_core()
+        .map_err(|e| JobError::fatal(format!("lease geometry: {e}")))?;
+    Ok((version, geometry))
+}
+
+/// The circuit a proving job of `(round, circuit_id, depth)` proves.
+pub fn circuit_key(job: &v1::JobIdentity) -> Result<CircuitKey, JobError> {
+    let basic = || {
+        u8::try_from(job.circuit_id)
+            .ok()
+            .and_then(|id| BasicCircuit::from_id(CircuitId(id)))
+            .ok_or_else(|| JobError::fatal(format!("no basic circuit type {}", job.circuit_id)))
+    };
+    Ok(match job.aggregation_round {
+        0 => CircuitKey::Basic(basic()?),
+        1 => CircuitKey::Leaf(basic()?),
+        2 => CircuitKey::Node(basic()?, job.depth as u8),
+        3 => CircuitKey::RecursionTip,
+        4 => CircuitKey::Scheduler,
+        5 => CircuitKey::Compression,
+        r => return Err(JobError::fatal(format!("no aggregation round {r}"))),
+    })
+}
+
+impl std::fmt::Debug for Setups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Setups").field("root", &self.root).field("loaded", &self.loaded).finish_non_exhaustive()
+    }
+}
+
+impl Setups {
+    /// Stores under `root` (the setup cache directory).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Setups { root: root.into(), stores: Mutex::default(), loaded: Mutex::default() }
+    }
+
+    /// The store for `version` and `geometry`. Errors: a version these circuits do not implement.
+    pub fn store(&self, version: ProtocolVersion, geometry: Geometry) -> Result<Arc<SetupStore>, JobError> {
+        let mut stores = self.stores.lock().expect("poisoned");
+        if let Some(s) = stores.get(&(version, geometry)) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(SetupStore::new(&self.root, version, geometry).map_err(|e| JobError::fatal(format!("{e:#}")))?);
+        stores.insert((version, geometry), s.clone());
+        Ok(s)
+    }
+
+    /// The circuit `key` of `store` with its prover data; frees the others first when more than
+    /// a few are loaded. Call from a blocking thread (it may read or build setup data).
+    pub fn circuit(&self, store: &SetupStore, key: CircuitKey) -> Result<Arc<Circuit>, JobError> {
+        {
+            let mut loaded = self.loaded.lock().expect("poisoned");
+            if !loaded.contains(&key) {
+                if loaded.len() >= KEEP_LOADED {
+                    for s in self.stores.lock().expect("poisoned").values() {
+                        s.release();
+                    }
+                    loaded.clear();
+                }
+                loaded.push(key);
+            }
+        }
+        store.circuit(key).map_err(|e| JobError::retry(format!("setup data of {}: {e:#}", key.name())))
+    }
+}

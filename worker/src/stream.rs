@@ -1,0 +1,78 @@
+//! Witness vectors over `Prover.PushWitnessVector`: a header (lease, job, size, CRC-32), then the
+//! bytes in chunks. Both ends live here: [`push`] for the WVG, [`receive`] for the prover.
+
+use proofmesh_proto::v1::{self, prover_client::ProverClient, witness_vector_chunk::Part};
+use tonic::transport::Channel;
+use tonic::{Status, Streaming};
+
+/// Bytes per chunk: large enough that per-message overhead vanishes, well under gRPC's default
+/// 4 MiB message limit.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// The largest witness vector a prover accepts, bytes (a 2^20-row circuit of 135 wires is ~1.1 GB).
+pub const MAX_WITNESS_VECTOR_BYTES: u64 = 4 << 30;
+
+/// HTTP/2 flow-control windows for witness-vector streams, bytes: the defaults (64 KiB) cap
+/// loopback throughput far below the link's.
+pub const STREAM_WINDOW: u32 = 16 << 20;
+/// The connection-level window, bytes.
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
+
+/// A channel to a prover's endpoint, tuned for bulk streams. Lazy: connects on first use.
+pub fn prover_channel(endpoint: &str) -> Result<Channel, tonic::transport::Error> {
+    Ok(tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .connect_lazy())
+}
+
+/// Streams `bytes` with `header` (its `size` and `crc32` are filled in here). Returns the
+/// prover's receipt; `RESOURCE_EXHAUSTED` means it had no free slot.
+pub async fn push(channel: Channel, mut header: v1::WitnessVectorHeader, bytes: Vec<u8>) -> Result<v1::PushReceipt, Status> {
+    header.size = bytes.len() as u64;
+    header.crc32 = crc32fast::hash(&bytes);
+    let bytes = bytes::Bytes::from(bytes);
+    let chunks = (0..bytes.len().div_ceil(CHUNK_BYTES)).map(move |i| {
+        let end = ((i + 1) * CHUNK_BYTES).min(bytes.len());
+        v1::WitnessVectorChunk { part: Some(Part::Data(bytes.slice(i * CHUNK_BYTES..end))) }
+    });
+    let first = std::iter::once(v1::WitnessVectorChunk { part: Some(Part::Header(header)) });
+    let mut client = ProverClient::new(channel).max_decoding_message_size(8 << 20);
+    Ok(client.push_witness_vector(tokio_stream::iter(first.chain(chunks))).await?.into_inner())
+}
+
+/// Reads a whole push: the header, then exactly `size` bytes whose CRC-32 matches. Errors:
+/// `INVALID_ARGUMENT` (no header first, too large), `DATA_LOSS` (size or checksum mismatch).
+pub async fn receive(mut stream: Streaming<v1::WitnessVectorChunk>) -> Result<(v1::WitnessVectorHeader, Vec<u8>), Status> {
+    let header = match stream.message().await?.and_then(|c| c.part) {
+        Some(Part::Header(h)) => h,
+        _ => return Err(Status::invalid_argument("a witness vector stream starts with its header")),
+    };
+    if header.size > MAX_WITNESS_VECTOR_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "witness vector of {} bytes exceeds {MAX_WITNESS_VECTOR_BYTES}",
+            header.size
+        )));
+    }
+    let mut bytes = Vec::with_capacity(header.size as usize);
+    let mut crc = crc32fast::Hasher::new();
+    while let Some(chunk) = stream.message().await? {
+        let Some(Part::Data(data)) = chunk.part else {
+            return Err(Status::invalid_argument("a second header in one witness vector stream"));
+        };
+        if bytes.len() + data.len() > header.size as usize {
+            return Err(Status::data_loss(format!("more than the {} bytes the header announced", header.size)));
+        }
+        crc.update(&data);
+        bytes.extend_from_slice(&data);
+    }
+    if bytes.len() as u64 != header.size {
+        return Err(Status::data_loss(format!("received {} of {} bytes", bytes.len(), header.size)));
+    }
+    let got = crc.finalize();
+    if got != header.crc32 {
+        return Err(Status::data_loss(format!("CRC-32 {got:08x} does not match the header's {:08x}", header.crc32)));
+    }
+    Ok((header, bytes))
+}

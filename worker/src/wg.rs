@@ -1,0 +1,70 @@
+//! The witness-generator role: reads a job's inputs, builds the circuit inputs of its round,
+//! saves each under its key, and reports how many circuits of each circuit id it made.
+
+use std::sync::Arc;
+
+use proofmesh_core::{AggregationRound, ArtifactStore, BatchNumber, CircuitId};
+use proofmesh_proto::v1;
+
+use crate::cpu::measured;
+use crate::execute::{witness_generation, WgJob};
+use crate::runner::{blocking, JobError, Outcome, Stage};
+use crate::setups::version_and_geometry;
+
+/// The witness-generation stage.
+#[derive(Debug)]
+pub struct WitnessGenerator {
+    /// Where inputs are read and circuit inputs written.
+    pub artifacts: Arc<dyn ArtifactStore>,
+}
+
+/// Reads every key in order. A missing artifact is retryable (a store hiccup), not the input's fault.
+pub async fn read_all(artifacts: &dyn ArtifactStore, keys: &[String]) -> Result<Vec<Vec<u8>>, JobError> {
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        out.push(artifacts.get(k).await.map_err(|e| JobError::retry(e.to_string()))?);
+    }
+    Ok(out)
+}
+
+#[async_trait::async_trait]
+impl Stage for WitnessGenerator {
+    async fn handle(&self, lease: &v1::Lease) -> Result<Outcome, JobError> {
+        let job = lease.job.clone().unwrap_or_default();
+        let (version, geometry) = version_and_geometry(lease.protocol_version.as_ref(), lease.geometry.as_ref())?;
+        let round = u8::try_from(job.aggregation_round)
+            .ok()
+            .and_then(|r| AggregationRound::try_from(r).ok())
+            .ok_or_else(|| JobError::fatal(format!("no aggregation round {}", job.aggregation_round)))?;
+        let wg = WgJob {
+            batch: BatchNumber(job.batch_number),
+            version,
+            geometry,
+            round,
+            circuit_id: CircuitId(job.circuit_id as u8),
+            depth: job.depth as u8,
+        };
+        let inputs = read_all(self.artifacts.as_ref(), &lease.input_keys).await?;
+        let depths = lease.input_depths.clone();
+        let (circuits, secs) = blocking(move || {
+            let (r, secs) = measured(|| witness_generation(wg, inputs, &depths));
+            r.map(|c| (c, secs))
+        })
+        .await?;
+        let mut bytes = 0u64;
+        for (key, data) in circuits.inputs {
+            bytes += data.len() as u64;
+            self.artifacts.put(&key, data).await.map_err(|e| JobError::retry(e.to_string()))?;
+        }
+        Ok(Outcome::Completed(v1::Completed {
+            lease_id: String::new(),
+            circuits: circuits
+                .counts
+                .into_iter()
+                .map(|(id, count)| v1::CircuitCount { circuit_id: id.0.into(), count })
+                .collect(),
+            compute_secs: secs,
+            output_bytes: bytes,
+        }))
+    }
+}
