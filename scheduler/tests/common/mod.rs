@@ -1,0 +1,144 @@
+//! Test support: a fresh database per test on the PostgreSQL server at `DATABASE_URL` (the
+//! Makefile's `test` target starts a throwaway one), and a scheduler served over TCP.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proofmesh_core::{Geometry, LocalStore};
+use proofmesh_proto::v1::{self, scheduler_client::SchedulerClient, scheduler_message, worker_message};
+use proofmesh_scheduler::{Settings, Shared, ZonePolicy};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+/// A new, migrated database on the server at `DATABASE_URL`; returns its pool and URL.
+pub async fn fresh_database() -> (PgPool, String) {
+    let url = std::env::var("DATABASE_URL").expect(
+        "DATABASE_URL is not set: run the tests with `make test` (it starts a throwaway PostgreSQL), \
+         or point DATABASE_URL at a server where the tests may create databases",
+    );
+    let admin = PgPoolOptions::new().max_connections(1).connect(&url).await.expect("connecting to DATABASE_URL");
+    let name = format!("proofmesh_test_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
+    let (base, _) = url.rsplit_once('/').expect("DATABASE_URL ends with /dbname");
+    let test_url = format!("{base}/{name}");
+    let pool = PgPoolOptions::new().max_connections(16).connect(&test_url).await.unwrap();
+    proofmesh_scheduler::migrate(&pool).await.unwrap();
+    (pool, test_url)
+}
+
+/// A scheduler serving on a free port of 127.0.0.1, in this process.
+pub struct TestScheduler {
+    pub url: String,
+    pub shared: Arc<Shared>,
+    pub cancel: CancellationToken,
+    pub data: tempfile::TempDir,
+}
+
+impl Drop for TestScheduler {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+pub async fn start_scheduler(geometry: Geometry, zone_policy: ZonePolicy) -> TestScheduler {
+    let (pool, _) = fresh_database().await;
+    let data = tempfile::tempdir().unwrap();
+    let settings = Settings { geometry, lease_secs: 60.0, max_attempts: 3, zone_policy, heartbeat_ms: 1000 };
+    let shared = Shared::new(pool, settings, Arc::new(LocalStore::new(data.path())));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let cancel = CancellationToken::new();
+    tokio::spawn(proofmesh_scheduler::serve(shared.clone(), listener, cancel.clone()));
+    TestScheduler { url, shared, cancel, data }
+}
+
+/// A worker speaking the `Work` protocol by hand, to drive the scheduler step by step.
+pub struct RawWorker {
+    pub id: String,
+    tx: mpsc::UnboundedSender<v1::WorkerMessage>,
+    inbound: tonic::Streaming<v1::SchedulerMessage>,
+}
+
+fn msg(m: worker_message::Msg) -> v1::WorkerMessage {
+    v1::WorkerMessage { msg: Some(m) }
+}
+
+impl RawWorker {
+    pub async fn connect(url: &str, register: v1::Register) -> RawWorker {
+        let mut client = SchedulerClient::connect(url.to_string()).await.unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(msg(worker_message::Msg::Register(register))).unwrap();
+        let mut inbound = client.work(UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
+        let Some(scheduler_message::Msg::Registered(r)) = inbound.message().await.unwrap().unwrap().msg else {
+            panic!("expected Registered");
+        };
+        RawWorker { id: r.worker_id, tx, inbound }
+    }
+
+    pub fn credit(&self, n: u32) {
+        self.tx.send(msg(worker_message::Msg::Credit(v1::Credit { n }))).unwrap();
+    }
+
+    pub fn complete(&self, lease_id: &str, circuits: &[(u32, u32)]) {
+        let circuits = circuits.iter().map(|&(circuit_id, count)| v1::CircuitCount { circuit_id, count }).collect();
+        let c = v1::Completed { lease_id: lease_id.into(), circuits, compute_secs: 0.0, output_bytes: 0 };
+        self.tx.send(msg(worker_message::Msg::Completed(c))).unwrap();
+    }
+
+    pub fn fail(&self, lease_id: &str, retryable: bool) {
+        let f = v1::Failed { lease_id: lease_id.into(), error: "test failure".into(), retryable };
+        self.tx.send(msg(worker_message::Msg::Failed(f))).unwrap();
+    }
+
+    /// The next message within `wait`, or `None`.
+    pub async fn next(&mut self, wait: Duration) -> Option<scheduler_message::Msg> {
+        match tokio::time::timeout(wait, self.inbound.message()).await {
+            Ok(m) => m.unwrap().and_then(|m| m.msg),
+            Err(_) => None,
+        }
+    }
+
+    /// The next message, which must be a lease.
+    pub async fn lease(&mut self) -> v1::Lease {
+        match self.next(Duration::from_secs(10)).await {
+            Some(scheduler_message::Msg::Lease(l)) => l,
+            other => panic!("expected a lease, got {other:?}"),
+        }
+    }
+}
+
+pub fn register(role: v1::Role, zone: &str, host: &str, capacity: u32, endpoint: &str) -> v1::Register {
+    v1::Register {
+        role: role as i32,
+        zone: zone.into(),
+        region: "test".into(),
+        host: host.into(),
+        capacity,
+        prover_endpoint: endpoint.into(),
+        protocol_versions: vec![],
+        name: String::new(),
+    }
+}
+
+/// Submits batch `n` (protocol 0.1.0) through the `Batches` service.
+pub async fn submit(url: &str, n: u32) -> bool {
+    let mut batches = v1::batches_client::BatchesClient::connect(url.to_string()).await.unwrap();
+    let r = v1::SubmitBatchRequest {
+        batch_number: n,
+        protocol_version: Some(v1::ProtocolVersion { minor: 1, patch: 0 }),
+        input_key: proofmesh_core::keys::batch_input(proofmesh_core::BatchNumber(n)),
+        priority: 0,
+    };
+    batches.submit_batch(r).await.unwrap().into_inner().created
+}
+
+/// The batch as `Admin.GetBatch` shows it.
+pub async fn get_batch(url: &str, n: u32) -> v1::BatchStatus {
+    let mut admin = v1::admin_client::AdminClient::connect(url.to_string()).await.unwrap();
+    admin.get_batch(v1::GetBatchRequest { batch_number: n }).await.unwrap().into_inner()
+}

@@ -1,0 +1,128 @@
+//! The scheduler against a real PostgreSQL, driven over real gRPC by hand-written workers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use proofmesh_core::Geometry;
+use proofmesh_proto::v1::{scheduler_message::Msg, Role};
+use proofmesh_scheduler::ZonePolicy;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_completion_is_refused() {
+    let s = start_scheduler(Geometry::small(), ZonePolicy::SameZoneOnly).await;
+    let mut wg = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h1", 1, "")).await;
+    wg.credit(1);
+    assert!(submit(&s.url, 7).await);
+    assert!(!submit(&s.url, 7).await, "submitting twice creates nothing");
+
+    let first = wg.lease().await;
+    assert_eq!(first.job.as_ref().unwrap().aggregation_round, 0);
+    // A retryable failure puts the job back; the next lease of it has a new id.
+    wg.fail(&first.lease_id, true);
+    wg.credit(1);
+    let second = wg.lease().await;
+    assert_eq!(second.job, first.job);
+    assert_ne!(second.lease_id, first.lease_id);
+
+    // The old lease's completion is refused and records nothing.
+    wg.complete(&first.lease_id, &[(1, 1), (2, 1), (3, 1)]);
+    match wg.next(Duration::from_secs(5)).await {
+        Some(Msg::Refused(r)) => assert_eq!(r.lease_id, first.lease_id),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    assert_eq!(get_batch(&s.url, 7).await.rounds[0].total, 0);
+
+    // The current lease completes once: the job graph appears; a second completion is refused.
+    wg.complete(&second.lease_id, &[(1, 2), (2, 1), (3, 1)]);
+    wg.complete(&second.lease_id, &[(1, 2), (2, 1), (3, 1)]);
+    match wg.next(Duration::from_secs(5)).await {
+        Some(Msg::Refused(r)) => assert_eq!(r.lease_id, second.lease_id),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    let batch = get_batch(&s.url, 7).await;
+    let totals: Vec<u32> = batch.rounds.iter().map(|r| r.total).collect();
+    // 4 basic, then per type: leaves 1/1/1, nodes 1/1/1, tip, scheduler, compression.
+    assert_eq!(totals, vec![4, 3, 3, 1, 1, 1]);
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM jobs WHERE kind = 'witness_generation' AND aggregation_round = 0")
+        .fetch_one(&s.shared.pool)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wvg_is_never_matched_across_zones_while_a_same_zone_prover_is_free() {
+    let s = start_scheduler(Geometry::small(), ZonePolicy::SameZoneOnly).await;
+    let _pb = RawWorker::connect(&s.url, register(Role::Prover, "b", "hb", 4, "http://prover-b:1")).await;
+    let pa = RawWorker::connect(&s.url, register(Role::Prover, "a", "ha", 1, "http://prover-a:1")).await;
+    let mut wg = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "ha", 1, "")).await;
+    wg.credit(1);
+    submit(&s.url, 1).await;
+    let l = wg.lease().await;
+    wg.complete(&l.lease_id, &[(1, 2), (2, 1), (3, 1)]);
+
+    // Four proving jobs are queued; the WVG of zone a could take four.
+    let mut wvg = RawWorker::connect(&s.url, register(Role::Wvg, "a", "ha", 4, "")).await;
+    wvg.credit(4);
+    let first = wvg.lease().await;
+    assert_eq!(first.prover_endpoint, "http://prover-a:1");
+    assert_eq!(first.prover_worker_id, pa.id);
+    // Zone a's only prover is busy; zone b's is free, and is not used.
+    assert!(wvg.next(Duration::from_millis(500)).await.is_none(), "no lease may go to another zone");
+
+    // A second prover in zone a, on another host: the waiting WVG gets it at once (no polling).
+    let pa2 = RawWorker::connect(&s.url, register(Role::Prover, "a", "ha2", 1, "http://prover-a2:1")).await;
+    let second = wvg.lease().await;
+    assert_eq!(second.prover_worker_id, pa2.id);
+
+    // The first prover completes: its slot frees, and the next lease goes to it.
+    pa.complete(&first.lease_id, &[]);
+    let third = wvg.lease().await;
+    assert_eq!(third.prover_worker_id, pa.id);
+    let progress = get_batch(&s.url, 1).await.rounds[0].clone();
+    assert_eq!((progress.total, progress.succeeded, progress.in_progress), (4, 1, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_becomes_ready_when_its_last_input_succeeds() {
+    let s = start_scheduler(Geometry::small(), ZonePolicy::SameZoneOnly).await;
+    let _p = RawWorker::connect(&s.url, register(Role::Prover, "a", "h", 8, "http://p:1")).await;
+    let mut wg = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h", 1, "")).await;
+    let mut wvg = RawWorker::connect(&s.url, register(Role::Wvg, "a", "h", 8, "")).await;
+    wg.credit(1);
+    submit(&s.url, 2).await;
+    let l = wg.lease().await;
+    // Three tx-hasher circuits: the leaf witness generation of type 1 waits on all three.
+    wg.complete(&l.lease_id, &[(1, 3), (2, 1), (3, 1)]);
+    wvg.credit(8);
+    let mut type1 = vec![];
+    for _ in 0..5 {
+        let lease = wvg.lease().await;
+        if lease.job.as_ref().unwrap().circuit_id == 1 {
+            type1.push(lease.lease_id);
+        }
+    }
+    assert_eq!(type1.len(), 3);
+    wg.credit(1);
+    // Complete two of three, concurrently with nothing: the leaf WG must not be leased yet.
+    for l in &type1[..2] {
+        _p_complete(&s.url, l).await;
+    }
+    assert!(wg.next(Duration::from_millis(300)).await.is_none());
+    _p_complete(&s.url, &type1[2]).await;
+    let leaf_wg = wg.lease().await;
+    let job = leaf_wg.job.unwrap();
+    assert_eq!((job.aggregation_round, job.circuit_id), (1, 1));
+    assert_eq!(leaf_wg.input_keys.len(), 3, "the leaf witness generation reads the three basic proofs");
+    assert!(leaf_wg.input_keys[0].ends_with("r0-c1-d0/s0.proof"), "{:?}", leaf_wg.input_keys);
+}
+
+/// Completes a WVG lease the way a prover does: on a prover's own stream.
+async fn _p_complete(url: &str, lease: &str) {
+    let mut p = RawWorker::connect(url, register(Role::Prover, "z", "hz", 1, "http://unused:1")).await;
+    p.complete(lease, &[]);
+    // A refusal would arrive here; silence means it was recorded.
+    assert!(p.next(Duration::from_millis(200)).await.is_none());
+}
