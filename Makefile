@@ -8,9 +8,10 @@ SETUP_DIR ?= .setup-cache
 GEOMETRY ?= default
 BIN := target/debug/proofmesh-circuits
 
-.PHONY: help build test bench samples prove-samples clean-setup
+.PHONY: help demo build test bench samples prove-samples clean-setup
 
 help:
+	@echo "make demo           the cluster on 127.0.0.1 proves and verifies every sample batch"
 	@echo "make build          build every crate"
 	@echo "make test           unit and integration tests (real proofs; ~3 min after the build)"
 	@echo "make bench          per-circuit figures and the largest sample proven end to end"
@@ -21,11 +22,21 @@ help:
 build:
 	$(CARGO) build --workspace --all-targets
 
+# The cluster test runs the workspace's binaries, so they are built first; the tests get a
+# throwaway PostgreSQL unless DATABASE_URL is set.
 test:
-	$(CARGO) test --workspace
+	$(CARGO) build --workspace --bins
+	scripts/with-postgres.sh $(CARGO) test --workspace
 
+demo:
+	$(CARGO) build --workspace --bins
+	GEOMETRY=$(GEOMETRY) SETUP_DIR=$(SETUP_DIR) scripts/demo.sh
+
+# Circuit figures first (they also build the setup cache the cluster benchmark loads), then the
+# cluster's: dispatch latency, witness-vector stream throughput, batch efficiency.
 bench: build
 	PROOFMESH_SETUP_DIR=$(SETUP_DIR) $(BIN) bench --samples samples --geometry $(GEOMETRY)
+	scripts/with-postgres.sh target/debug/proofmesh-bench all --geometry $(GEOMETRY) --setup-dir $(SETUP_DIR)
 
 samples: build
 	rm -f samples/batch_*.bin

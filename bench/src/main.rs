@@ -1,0 +1,62 @@
+//! `proofmesh-bench`: the cluster's figures, each measured in one run and printed with its
+//! target (`make bench` runs it after the circuit benchmark):
+//! - `dispatch`: job becomes ready -> lease arrives at an idle worker, p50/p99 over no-op jobs
+//!   (target p99 < 5 ms);
+//! - `stream`: witness-vector push over loopback gRPC in GB/s beside a raw TCP copy of the same
+//!   bytes (target >= 1/3 of raw TCP);
+//! - `batch`: the largest sample proven by the cluster as separate processes; batch wall time
+//!   divided by (sum of job CPU time / cores) (target <= 1.10).
+//!
+//! Needs `DATABASE_URL` (run through `scripts/with-postgres.sh`) and, for `batch`, the
+//! workspace's binaries and a built setup cache.
+
+mod batch;
+mod dispatch;
+mod stream;
+
+use clap::{Parser, Subcommand};
+
+/// Proofmesh cluster benchmarks.
+#[derive(Debug, Parser)]
+#[command(about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Which>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Which {
+    /// Dispatch latency.
+    Dispatch {
+        /// No-op jobs.
+        #[arg(long, default_value_t = 2000)]
+        jobs: usize,
+    },
+    /// Stream throughput.
+    Stream {
+        /// Bytes per witness vector, MiB.
+        #[arg(long, default_value_t = 256)]
+        mib: usize,
+        /// Repetitions (the best of each is reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
+    /// Batch efficiency on one batch file.
+    Batch(batch::Args),
+    /// All three with their defaults.
+    All(batch::Args),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command.unwrap_or(Which::All(batch::Args::default())) {
+        Which::Dispatch { jobs } => dispatch::run(jobs).await,
+        Which::Stream { mib, reps } => stream::run(mib, reps).await,
+        Which::Batch(args) => batch::run(args).await,
+        Which::All(args) => {
+            dispatch::run(2000).await?;
+            stream::run(256, 5).await?;
+            batch::run(args).await
+        }
+    }
+}

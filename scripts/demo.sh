@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# `make demo`: the whole cluster on 127.0.0.1, every process separate, two zones.
+#
+# Starts a throwaway PostgreSQL unless DATABASE_URL is set (scripts/with-postgres.sh), then the
+# scheduler, a witness generator, a WVG and a prover in zone "a", a WVG and a prover in zone "b",
+# and the compressor; drops the sample batches in the gateway's inbox, runs the gateway until
+# every batch has ended (live progress per round), verifies every final proof with
+# `proofmesh-compressor verify`, prints a table, stops everything and exits non-zero if any batch
+# failed or any proof did not verify.
+#
+# Settings (environment): GEOMETRY (default|small, default "default"), SETUP_DIR (.setup-cache),
+# DEMO_DIR (out/demo), DEMO_PORT (scheduler port, 50151), SAMPLES (samples).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ -z "${DATABASE_URL:-}" ]]; then
+  exec scripts/with-postgres.sh "$0" "$@"
+fi
+
+GEOMETRY="${GEOMETRY:-default}"
+SETUP_DIR="${SETUP_DIR:-.setup-cache}"
+DEMO_DIR="${DEMO_DIR:-out/demo}"
+PORT="${DEMO_PORT:-50151}"
+SAMPLES="${SAMPLES:-samples}"
+BIN=target/debug
+SCHED="http://127.0.0.1:$PORT"
+
+rm -rf "$DEMO_DIR"
+mkdir -p "$DEMO_DIR"/{data,inbox,outbox,logs} "$SETUP_DIR"
+DATA="$DEMO_DIR/data"; LOGS="$DEMO_DIR/logs"
+
+PIDS=()
+stop_all() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap stop_all EXIT
+
+start() { # name, program, args...
+  local name=$1; shift
+  "$@" >"$LOGS/$name.log" 2>&1 &
+  PIDS+=($!)
+}
+
+echo "== scheduler on $SCHED (geometry $GEOMETRY), logs in $LOGS"
+start scheduler "$BIN/proofmesh-scheduler" --listen "127.0.0.1:$PORT" --database-url "$DATABASE_URL" \
+  --data-dir "$DATA" --geometry "$GEOMETRY"
+for _ in $(seq 100); do
+  if (echo >"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then break; fi
+  sleep 0.1
+done
+
+worker() { # name, role, zone, extra args...
+  local name=$1 role=$2 zone=$3; shift 3
+  start "$name" "$BIN/proofmesh-worker" --role "$role" --name "$name" --zone "$zone" --region demo \
+    --scheduler "$SCHED" --data-dir "$DATA" --setup-dir "$SETUP_DIR" "$@"
+}
+echo "== workers: zone a: witness-generator, wvg, prover; zone b: wvg, prover; compressor"
+worker wg-a witness-generator a
+worker wvg-a wvg a
+worker prover-a prover a --capacity 2
+worker wvg-b wvg b --host demo-host-b
+worker prover-b prover b --capacity 2 --host demo-host-b
+start compressor "$BIN/proofmesh-compressor" --setup-dir "$SETUP_DIR" run --scheduler "$SCHED" --data-dir "$DATA" --name compressor
+
+for f in "$SAMPLES"/batch_*.bin; do
+  cp "$f" "$DEMO_DIR/inbox/.$(basename "$f")"
+  mv "$DEMO_DIR/inbox/.$(basename "$f")" "$DEMO_DIR/inbox/$(basename "$f")"
+done
+echo "== gateway: proving $(ls "$DEMO_DIR/inbox" | wc -l) batches (the first run also builds setup data into $SETUP_DIR)"
+set +e
+"$BIN/proofmesh-gateway" --scheduler "$SCHED" --data-dir "$DATA" --inbox "$DEMO_DIR/inbox" \
+  --outbox "$DEMO_DIR/outbox" --once --progress 2>"$LOGS/gateway.log"
+gateway_status=$?
+set -e
+
+# One row per batch: circuits per round, proof size and wall time from the gateway's JSON
+# summary, and the verdict of an independent `verify` of the proof against the batch file.
+json_field() { sed -n "s/^ *\"$2\": *\"\{0,1\}\([^\",]*\)\"\{0,1\},\{0,1\}$/\1/p" "$1" | head -n 1; }
+failed=0
+echo
+printf "%-8s %-22s %-12s %-10s %-9s\n" batch "circuits per round" "proof bytes" "wall s" verified
+for f in "$SAMPLES"/batch_*.bin; do
+  stem=$(basename "$f" .bin)
+  json="$DEMO_DIR/outbox/$stem.json"; proof="$DEMO_DIR/outbox/$stem.proof"
+  if [[ -f "$proof" && -f "$json" ]]; then
+    circuits=$(sed -n 's/^ *"circuits": *\([0-9]*\).*/\1/p' "$json" | paste -sd/ -)
+    if "$BIN/proofmesh-compressor" --setup-dir "$SETUP_DIR" verify --proof "$proof" --batch "$f" >"$LOGS/verify-$stem.log" 2>&1; then
+      verified=yes
+    else
+      verified=NO; failed=1
+    fi
+    printf "%-8s %-22s %-12s %-10s %-9s\n" "$(json_field "$json" batch_number)" "$circuits" \
+      "$(json_field "$json" proof_bytes)" "$(json_field "$json" wall_secs | cut -c1-7)" "$verified"
+  else
+    printf "%-8s %-22s %-12s %-10s %-9s\n" "$stem" "-" "-" "-" "FAILED: $(head -c 120 "$DEMO_DIR/outbox/$stem.error" 2>/dev/null)"
+    failed=1
+  fi
+done
+if [[ $gateway_status -ne 0 || $failed -ne 0 ]]; then
+  echo "demo: some batch failed (gateway exit $gateway_status); logs in $LOGS" >&2
+  exit 1
+fi
+echo "demo: every batch proven and verified"
