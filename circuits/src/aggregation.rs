@@ -67,7 +67,7 @@ pub fn build(inner: &VerifierCircuitData<F, C, D>, fan_in: usize, config: Circui
             acc
         })
         .collect();
-    b.register_public_inputs(&proofs[0].public_inputs[..8].to_vec());
+    b.register_public_inputs(&proofs[0].public_inputs[..8]);
     b.register_public_inputs(&out);
     (b, AggregationTargets { proofs, active })
 }

@@ -149,7 +149,7 @@ impl WitnessVector {
             values.push(Some(F::from_canonical_u64(v)));
             next += 8;
         }
-        if bitmap.last().is_some_and(|b| n % 8 != 0 && b >> (n % 8) != 0) {
+        if bitmap.last().is_some_and(|b| !n.is_multiple_of(8) && b >> (n % 8) != 0) {
             return Err(format_err("bitmap", values_at - 1, "bits set past the last slot"));
         }
         Ok(WitnessVector { key, circuit_digest, values })

@@ -59,7 +59,7 @@ impl v1::prover_server::Prover for ProverService {
 
 impl ProverService {
     async fn prove_and_save(&self, header: v1::WitnessVectorHeader, wv: Vec<u8>) -> Result<v1::Completed, JobError> {
-        let job = header.job.clone().unwrap_or_default();
+        let job = header.job.unwrap_or_default();
         let (version, geometry) = version_and_geometry(header.protocol_version.as_ref(), header.geometry.as_ref())?;
         let key = circuit_key(&job)?;
         if header.output_key.is_empty() {

@@ -30,7 +30,7 @@ pub async fn read_all(artifacts: &dyn ArtifactStore, keys: &[String]) -> Result<
 #[async_trait::async_trait]
 impl Stage for WitnessGenerator {
     async fn handle(&self, lease: &v1::Lease) -> Result<Outcome, JobError> {
-        let job = lease.job.clone().unwrap_or_default();
+        let job = lease.job.unwrap_or_default();
         let (version, geometry) = version_and_geometry(lease.protocol_version.as_ref(), lease.geometry.as_ref())?;
         let round = u8::try_from(job.aggregation_round)
             .ok()

@@ -45,7 +45,7 @@ impl Stage for WitnessVectorGenerator {
         if lease.prover_endpoint.is_empty() {
             return Err(JobError::retry("WVG lease without a prover"));
         }
-        let job = lease.job.clone().unwrap_or_default();
+        let job = lease.job.unwrap_or_default();
         let (version, geometry) = version_and_geometry(lease.protocol_version.as_ref(), lease.geometry.as_ref())?;
         let key = circuit_key(&job)?;
         let input = read_all(self.artifacts.as_ref(), &lease.input_keys).await?.pop().ok_or_else(|| JobError::fatal("no circuit input"))?;
