@@ -63,10 +63,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    proofmesh_core::telemetry::init_logs("info");
     let cli = Cli::parse();
     match cli.command {
         Command::Verify { proof, batch } => {
@@ -94,12 +91,7 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
                 let cancel = CancellationToken::new();
-                let on_signal = cancel.clone();
-                tokio::spawn(async move {
-                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-                    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
-                    on_signal.cancel();
-                });
+                proofmesh_core::shutdown::cancel_on_signal(cancel.clone());
                 let reg = Registration {
                     scheduler,
                     role: Role::Compressor,

@@ -10,6 +10,8 @@
 pub mod artifacts;
 pub mod batch;
 mod geometry;
+pub mod shutdown;
+pub mod telemetry;
 mod types;
 
 pub use artifacts::{keys, ArtifactError, ArtifactStore, LocalStore};

@@ -7,14 +7,13 @@
 //!
 //! Modules: `inbox` (scanning, parsing, moving taken files), `watch` (store, submit, watch,
 //! write results), `outbox` (atomic result files), `summary` (the JSON and the `--once` table),
-//! `scheduler` (connection and retries), `progress` (bars), `backoff`, `shutdown`.
+//! `scheduler` (connection and retries), `progress` (bars), `backoff`; shutdown is `proofmesh_core::shutdown`.
 
 mod backoff;
 mod inbox;
 mod outbox;
 mod progress;
 mod scheduler;
-mod shutdown;
 mod summary;
 #[cfg(test)]
 mod testing;
@@ -96,7 +95,7 @@ async fn main() -> ExitCode {
 /// has ended). Errors: the inbox or outbox cannot be created or listed, or the URL is invalid.
 async fn run(settings: Settings, progress: Progress) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
-    shutdown::cancel_on_signal(shutdown.clone());
+    proofmesh_core::shutdown::cancel_on_signal(shutdown.clone());
 
     let inbox = Inbox::create(&settings.inbox)
         .with_context(|| format!("cannot create the inbox {}", settings.inbox.display()))?;

@@ -54,12 +54,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    proofmesh_core::telemetry::init_logs("info,sqlx=warn");
     let args = Args::parse();
     let url = args
         .database_url
@@ -88,12 +83,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("scheduler listening on {}", listener.local_addr()?);
 
     let cancel = CancellationToken::new();
-    let on_signal = cancel.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down");
-        on_signal.cancel();
-    });
+    proofmesh_core::shutdown::cancel_on_signal(cancel.clone());
     let server = tokio::spawn(proofmesh_scheduler::serve(shared, listener, cancel.clone()));
     cancel.cancelled().await;
     // Worker streams stay open until workers notice; do not wait for them past a grace period.
@@ -102,12 +92,4 @@ async fn main() -> anyhow::Result<()> {
         Err(_) => tracing::info!("worker streams still open after 2 s; exiting"),
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

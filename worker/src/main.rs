@@ -73,19 +73,11 @@ fn this_host() -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    proofmesh_core::telemetry::init_logs("info");
     let args = Args::parse();
     anyhow::ensure!(args.capacity >= 1, "--capacity must be at least 1");
     let cancel = CancellationToken::new();
-    let on_signal = cancel.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term.recv() => {} }
-        on_signal.cancel();
-    });
+    proofmesh_core::shutdown::cancel_on_signal(cancel.clone());
 
     let artifacts: Arc<dyn ArtifactStore> = Arc::new(LocalStore::new(&args.data_dir));
     let setups = Arc::new(Setups::new(&args.setup_dir));

@@ -43,9 +43,12 @@ impl v1::prover_server::Prover for ProverService {
         let received = wv.len() as u64;
         let this = self.clone();
         tokio::spawn(async move {
-            let _slot = permit;
             let lease = header.lease_id.clone();
-            match this.prove_and_save(header, wv).await {
+            let result = this.prove_and_save(header, wv).await;
+            // Free the slot before reporting: the scheduler may hand it to the next WVG lease as
+            // soon as it reads the report.
+            drop(permit);
+            match result {
                 Ok(c) => this.client.completed(c, &this.cancel).await,
                 Err(e) => {
                     tracing::warn!(lease, "proving failed: {e}");

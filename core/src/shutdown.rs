@@ -1,16 +1,14 @@
-//! The one shutdown path: Ctrl-C or SIGTERM cancels a token that every loop selects on.
-//!
-//! Stopping loses nothing: a batch being watched stays in `<inbox>/submitted/` without a result in
-//! the outbox, and the next start watches it again (the scheduler owns its state); a file not yet
-//! submitted stays in the inbox.
+//! The one shutdown path of every binary: Ctrl-C or SIGTERM cancels a token that every loop
+//! selects on (tokio's mini-redis `shutdown.rs` pattern). What stopping means for each process is
+//! said where its loops stop; nothing durable lives outside PostgreSQL and the artifact store.
 
 use tokio_util::sync::CancellationToken;
 
 /// Cancels `token` on the first Ctrl-C (SIGINT) or SIGTERM.
-pub(crate) fn cancel_on_signal(token: CancellationToken) {
+pub fn cancel_on_signal(token: CancellationToken) {
     tokio::spawn(async move {
         let signal = wait_for_signal().await;
-        tracing::info!("{signal}: shutting down (no new files are taken, watching stops)");
+        tracing::info!("{signal}: shutting down");
         token.cancel();
     });
 }
@@ -24,7 +22,7 @@ async fn wait_for_signal() -> &'static str {
             _ = term.recv() => "SIGTERM",
         },
         Err(e) => {
-            tracing::warn!("cannot listen for SIGTERM ({e}); only Ctrl-C stops the gateway");
+            tracing::warn!("cannot listen for SIGTERM ({e}); only Ctrl-C stops this process");
             ctrl_c().await;
             "SIGINT"
         }
