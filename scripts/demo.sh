@@ -58,9 +58,11 @@ worker() { # name, role, zone, extra args...
 echo "== workers: zone a: witness-generator, wvg, prover; zone b: wvg, prover; compressor"
 worker wg-a witness-generator a
 worker wvg-a wvg a
-worker prover-a prover a --capacity 2
+# Capacity 1: two provers already keep both cores of a small machine busy; more concurrent
+# proofs would only share the cores (plonky2 parallelizes each proof).
+worker prover-a prover a
 worker wvg-b wvg b --host demo-host-b
-worker prover-b prover b --capacity 2 --host demo-host-b
+worker prover-b prover b --host demo-host-b
 start compressor "$BIN/proofmesh-compressor" --setup-dir "$SETUP_DIR" run --scheduler "$SCHED" --data-dir "$DATA" --name compressor
 
 for f in "$SAMPLES"/batch_*.bin; do
@@ -79,6 +81,7 @@ set -e
 json_field() { sed -n "s/^ *\"$2\": *\"\{0,1\}\([^\",]*\)\"\{0,1\},\{0,1\}$/\1/p" "$1" | head -n 1; }
 failed=0
 echo
+echo "circuits per round: basic/leaf/node/recursion tip/scheduler/compression"
 printf "%-8s %-22s %-12s %-10s %-9s\n" batch "circuits per round" "proof bytes" "wall s" verified
 for f in "$SAMPLES"/batch_*.bin; do
   stem=$(basename "$f" .bin)
