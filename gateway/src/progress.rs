@@ -148,6 +148,15 @@ impl AnsiStdout {
     fn put(&self, s: &str) -> io::Result<()> {
         io::stdout().lock().write_all(s.as_bytes())
     }
+
+    /// Moves the cursor `n` cells with the CSI command `dir` (`A` up, `B` down, `C` right, `D` left).
+    fn cursor(&self, n: usize, dir: char) -> io::Result<()> {
+        if n == 0 {
+            Ok(())
+        } else {
+            self.put(&format!("\x1b[{n}{dir}"))
+        }
+    }
 }
 
 impl TermLike for AnsiStdout {
@@ -155,32 +164,16 @@ impl TermLike for AnsiStdout {
         std::env::var("COLUMNS").ok().and_then(|c| c.parse().ok()).unwrap_or(100)
     }
     fn move_cursor_up(&self, n: usize) -> io::Result<()> {
-        if n == 0 {
-            Ok(())
-        } else {
-            self.put(&format!("\x1b[{n}A"))
-        }
+        self.cursor(n, 'A')
     }
     fn move_cursor_down(&self, n: usize) -> io::Result<()> {
-        if n == 0 {
-            Ok(())
-        } else {
-            self.put(&format!("\x1b[{n}B"))
-        }
+        self.cursor(n, 'B')
     }
     fn move_cursor_right(&self, n: usize) -> io::Result<()> {
-        if n == 0 {
-            Ok(())
-        } else {
-            self.put(&format!("\x1b[{n}C"))
-        }
+        self.cursor(n, 'C')
     }
     fn move_cursor_left(&self, n: usize) -> io::Result<()> {
-        if n == 0 {
-            Ok(())
-        } else {
-            self.put(&format!("\x1b[{n}D"))
-        }
+        self.cursor(n, 'D')
     }
     fn write_line(&self, s: &str) -> io::Result<()> {
         self.put(&format!("{s}\n"))

@@ -10,10 +10,9 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::cpu::measured;
 use crate::execute::prove;
 use crate::lease::LeaseClient;
-use crate::runner::{blocking, JobError};
+use crate::runner::{execute, JobError};
 use crate::setups::{circuit_key, version_and_geometry, Setups};
 use crate::stream::receive;
 
@@ -69,12 +68,7 @@ impl ProverService {
             return Err(JobError::fatal("witness vector without an output key"));
         }
         let setups = self.setups.clone();
-        let (proof, secs) = blocking(move || {
-            let store = setups.store(version, geometry)?;
-            let (r, secs) = measured(|| prove(&setups, &store, key, &wv));
-            r.map(|p| (p, secs))
-        })
-        .await?;
+        let (proof, secs) = execute(move || prove(&setups, &*setups.store(version, geometry)?, key, &wv)).await?;
         let bytes = proof.len() as u64;
         self.artifacts.put(&header.output_key, proof).await.map_err(|e| JobError::retry(e.to_string()))?;
         tracing::info!(

@@ -80,7 +80,13 @@ pub async fn run(client: Arc<LeaseClient>, mut leases: mpsc::Receiver<v1::Lease>
     }
 }
 
-/// Runs `f` on a blocking thread; a panic becomes a retryable error.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, JobError> + Send + 'static) -> Result<T, JobError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| JobError::retry(format!("executor panicked: {e}")))?
+/// Runs an executor on a blocking thread and measures its CPU time ([`crate::cpu::measured`]);
+/// a panic becomes a retryable error. Returns the executor's output with its CPU seconds.
+pub async fn execute<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, JobError> + Send + 'static,
+) -> Result<(T, f64), JobError> {
+    let (out, secs) = tokio::task::spawn_blocking(|| crate::cpu::measured(f))
+        .await
+        .map_err(|e| JobError::retry(format!("executor panicked: {e}")))?;
+    out.map(|o| (o, secs))
 }

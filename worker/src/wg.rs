@@ -6,9 +6,8 @@ use std::sync::Arc;
 use proofmesh_core::{AggregationRound, ArtifactStore, BatchNumber, CircuitId};
 use proofmesh_proto::v1;
 
-use crate::cpu::measured;
 use crate::execute::{witness_generation, WgJob};
-use crate::runner::{blocking, JobError, Outcome, Stage};
+use crate::runner::{execute, JobError, Outcome, Stage};
 use crate::setups::version_and_geometry;
 
 /// The witness-generation stage.
@@ -46,11 +45,7 @@ impl Stage for WitnessGenerator {
         };
         let inputs = read_all(self.artifacts.as_ref(), &lease.input_keys).await?;
         let depths = lease.input_depths.clone();
-        let (circuits, secs) = blocking(move || {
-            let (r, secs) = measured(|| witness_generation(wg, inputs, &depths));
-            r.map(|c| (c, secs))
-        })
-        .await?;
+        let (circuits, secs) = execute(move || witness_generation(wg, inputs, &depths)).await?;
         let mut bytes = 0u64;
         for (key, data) in circuits.inputs {
             bytes += data.len() as u64;

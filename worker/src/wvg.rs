@@ -9,9 +9,8 @@ use proofmesh_core::ArtifactStore;
 use proofmesh_proto::v1;
 use tonic::transport::Channel;
 
-use crate::cpu::measured;
 use crate::execute::synthesize;
-use crate::runner::{blocking, JobError, Outcome, Stage};
+use crate::runner::{execute, JobError, Outcome, Stage};
 use crate::setups::{circuit_key, version_and_geometry, Setups};
 use crate::stream::{prover_channel, push};
 use crate::wg::read_all;
@@ -50,12 +49,7 @@ impl Stage for WitnessVectorGenerator {
         let key = circuit_key(&job)?;
         let input = read_all(self.artifacts.as_ref(), &lease.input_keys).await?.pop().ok_or_else(|| JobError::fatal("no circuit input"))?;
         let setups = self.setups.clone();
-        let (wv, secs) = blocking(move || {
-            let store = setups.store(version, geometry)?;
-            let (r, secs) = measured(|| synthesize(&setups, &store, key, &input));
-            r.map(|wv| (wv, secs))
-        })
-        .await?;
+        let (wv, secs) = execute(move || synthesize(&setups, &*setups.store(version, geometry)?, key, &input)).await?;
         let header = v1::WitnessVectorHeader {
             lease_id: lease.lease_id.clone(),
             job: Some(job),
