@@ -247,22 +247,22 @@ pub async fn unlease(pool: &PgPool, lease_id: Uuid) -> Result<(), DbError> {
 }
 
 /// Requeues every lease held by a worker that went away (the attempt counts); past
-/// `max_attempts` the job and its batch fail. Returns the batches touched.
-pub async fn release_worker(pool: &PgPool, worker: &str) -> Result<Vec<i64>, DbError> {
+/// `max_attempts` the job and its batch fail. Returns the leases released, with their batches.
+pub async fn release_worker(pool: &PgPool, worker: &str) -> Result<Vec<(Uuid, i64)>, DbError> {
     let leases: Vec<Uuid> = sqlx::query_scalar("SELECT lease_id FROM jobs WHERE leased_to = $1 AND status = 'leased'")
         .bind(worker)
         .fetch_all(pool)
         .await?;
-    let mut batches = vec![];
+    let mut released = vec![];
     for lease in leases {
         match fail(pool, lease, &format!("worker {worker} disconnected"), true).await {
-            Ok(b) => batches.push(b),
+            Ok(b) => released.push((lease, b)),
             Err(DbError::StaleLease(_)) => {}
             Err(e) => return Err(e),
         }
     }
     sqlx::query("UPDATE workers SET disconnected_at = now() WHERE id = $1").bind(worker).execute(pool).await?;
-    Ok(batches)
+    Ok(released)
 }
 
 /// Renews the deadline of every lease `worker` holds.

@@ -105,7 +105,13 @@ impl v1::scheduler_server::Scheduler for WorkService {
             let end = serve_worker(&shared, &id, &mut inbound, &outbox).await;
             shared.registry().remove(&id);
             match db::release_worker(&shared.pool, &id).await {
-                Ok(batches) => batches.into_iter().for_each(|b| shared.batch_changed(b)),
+                Ok(released) => {
+                    for (lease, batch) in released {
+                        // A WVG's lease held a prover slot: the job is queued again, the slot is free.
+                        shared.registry().free_slot(lease);
+                        shared.batch_changed(batch);
+                    }
+                }
                 Err(e) => tracing::error!(worker = %id, "releasing its leases: {e}"),
             }
             tracing::info!(worker = %id, "disconnected: {end}");

@@ -126,3 +126,28 @@ async fn _p_complete(url: &str, lease: &str) {
     // A refusal would arrive here; silence means it was recorded.
     assert!(p.next(Duration::from_millis(200)).await.is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wvg_that_disconnects_frees_its_prover_slot_and_its_job_is_leased_again() {
+    let s = start_scheduler(Geometry::small(), ZonePolicy::SameZoneOnly).await;
+    let pa = RawWorker::connect(&s.url, register(Role::Prover, "a", "ha", 1, "http://prover-a:1")).await;
+    let mut wg = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "ha", 1, "")).await;
+    wg.credit(1);
+    submit(&s.url, 3).await;
+    let l = wg.lease().await;
+    wg.complete(&l.lease_id, &[(1, 1), (2, 1), (3, 1)]);
+
+    let mut gone = RawWorker::connect(&s.url, register(Role::Wvg, "a", "ha", 1, "")).await;
+    gone.credit(1);
+    let lost = gone.lease().await;
+    assert_eq!(lost.prover_worker_id, pa.id);
+    drop(gone);
+
+    // The only prover's slot is free again, and the lost job goes out again before the others.
+    let mut wvg = RawWorker::connect(&s.url, register(Role::Wvg, "a", "ha", 1, "")).await;
+    wvg.credit(1);
+    let again = wvg.lease().await;
+    assert_eq!(again.prover_worker_id, pa.id);
+    assert_eq!(again.job, lost.job);
+    assert_ne!(again.lease_id, lost.lease_id);
+}
