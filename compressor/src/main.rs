@@ -98,7 +98,7 @@ fn main() -> anyhow::Result<()> {
                     name,
                     zone,
                     region,
-                    host: std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default(),
+                    host: proofmesh_worker::lease::this_host(),
                     capacity,
                     prover_endpoint: String::new(),
                     protocol_versions: vec![],

@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use proofmesh_core::{keys, BatchNumber};
+use proofmesh_core::{keys, AggregationRound, BatchNumber};
 use proofmesh_proto::v1;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::Stream;
@@ -31,16 +31,10 @@ fn internal(e: DbError) -> Status {
     Status::internal(e.to_string())
 }
 
-/// The name of a round number as `BatchStatus` shows it.
+/// The name of a round number as `BatchStatus` shows it: the aggregation round's own name
+/// (`AggregationRound::name`), or `compression` for the stage after round 4.
 pub fn round_name(round: u32) -> &'static str {
-    match round {
-        0 => "basic",
-        1 => "leaf",
-        2 => "node",
-        3 => "recursion_tip",
-        4 => "scheduler",
-        _ => "compression",
-    }
+    u8::try_from(round).ok().and_then(|r| AggregationRound::try_from(r).ok()).map_or("compression", AggregationRound::name)
 }
 
 /// A batch's status with per-round progress; `None` if unknown.

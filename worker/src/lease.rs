@@ -37,6 +37,16 @@ pub struct Registration {
     pub protocol_versions: Vec<v1::ProtocolVersion>,
 }
 
+/// This machine's host name (`/etc/hostname`), `localhost` if it has none: what workers register
+/// as their host unless told otherwise.
+pub fn this_host() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
 /// A connection to the scheduler that survives its restarts.
 #[derive(Debug)]
 pub struct LeaseClient {

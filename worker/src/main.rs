@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use proofmesh_core::{ArtifactStore, LocalStore};
 use proofmesh_proto::v1::{self, Role};
-use proofmesh_worker::lease::{LeaseClient, Registration};
+use proofmesh_worker::lease::{this_host, LeaseClient, Registration};
 use proofmesh_worker::prover::ProverService;
 use proofmesh_worker::runner::{self, Stage};
 use proofmesh_worker::setups::Setups;
@@ -65,10 +65,6 @@ struct Args {
     /// Provers: the URL others reach it at; default `http://<listen address>`.
     #[arg(long, env = "PROOFMESH_ADVERTISE")]
     advertise: Option<String>,
-}
-
-fn this_host() -> String {
-    std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "localhost".into())
 }
 
 #[tokio::main]
