@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use proofmesh_core::{keys, BatchNumber, Geometry, LocalStore, ProtocolVersion};
 use proofmesh_proto::v1::Role;
-use proofmesh_scheduler::{db, Settings, Shared, ZonePolicy};
+use proofmesh_scheduler::{db, MaxAttempts, Settings, Shared, ZonePolicy};
 use proofmesh_worker::lease::{LeaseClient, Registration};
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +34,8 @@ pub async fn run(jobs: usize) -> anyhow::Result<()> {
     let settings = Settings {
         geometry: Geometry::small(),
         lease_secs: 60.0,
-        max_attempts: 3,
+        reconnect_grace_secs: 10.0,
+        max_attempts: MaxAttempts::uniform(3),
         zone_policy: ZonePolicy::SameZoneOnly,
         heartbeat_ms: 10_000,
     };
@@ -66,7 +67,7 @@ pub async fn run(jobs: usize) -> anyhow::Result<()> {
     let mut samples = Vec::with_capacity(jobs);
     for i in 0..(warmup + jobs) {
         let batch = BatchNumber(i as u32 + 1);
-        db::submit_batch(&pool, batch, ProtocolVersion::CURRENT, &Geometry::small(), &keys::batch_input(batch), 0, 3).await?;
+        db::submit_batch(&pool, batch, ProtocolVersion::CURRENT, &Geometry::small(), &keys::batch_input(batch), 0, &MaxAttempts::uniform(3)).await?;
         let ready = Instant::now();
         shared.wake_dispatcher();
         let lease = tokio::time::timeout(Duration::from_secs(5), leases.recv())
@@ -79,7 +80,7 @@ pub async fn run(jobs: usize) -> anyhow::Result<()> {
             samples.push(latency);
         }
         // A no-op job: free the slot (one more credit) without doing anything.
-        client.release();
+        client.release(&lease.lease_id);
     }
     cancel.cancel();
     samples.sort();

@@ -50,6 +50,9 @@ enum Command {
         /// Batches compressed at once.
         #[arg(long, env = "PROOFMESH_CAPACITY", default_value_t = 1)]
         capacity: u32,
+        /// On SIGTERM, how long a running compression may finish before it is handed back, seconds.
+        #[arg(long, env = "PROOFMESH_DRAIN_GRACE_SECS", default_value_t = 60.0)]
+        drain_grace_secs: f64,
     },
     /// Verifies a final proof against a batch file.
     Verify {
@@ -86,12 +89,14 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Run { scheduler, data_dir, zone, region, name, capacity } => {
+        Command::Run { scheduler, data_dir, zone, region, name, capacity, drain_grace_secs } => {
             anyhow::ensure!(capacity >= 1, "--capacity must be at least 1");
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
-                let cancel = CancellationToken::new();
-                proofmesh_core::shutdown::cancel_on_signal(cancel.clone());
+                // SIGTERM drains (as the workers do); the stream stays up until the drain is over.
+                let drain = CancellationToken::new();
+                proofmesh_core::shutdown::cancel_on_signal(drain.clone());
+                let stop = CancellationToken::new();
                 let reg = Registration {
                     scheduler,
                     role: Role::Compressor,
@@ -107,8 +112,10 @@ fn main() -> anyhow::Result<()> {
                     artifacts: Arc::new(LocalStore::new(&data_dir)),
                     setups: Arc::new(Setups::new(&cli.setup_dir)),
                 });
-                let (client, leases) = LeaseClient::start(reg, cancel.clone());
-                runner::run(client, leases, stage, cancel).await;
+                let (client, leases) = LeaseClient::start(reg, stop.clone());
+                let grace = std::time::Duration::from_secs_f64(drain_grace_secs.max(0.0));
+                runner::run(client, leases, stage, drain, grace).await;
+                stop.cancel();
             });
             Ok(())
         }

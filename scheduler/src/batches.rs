@@ -105,7 +105,7 @@ impl v1::batches_server::Batches for BatchService {
             &self.shared.settings.geometry,
             &r.input_key,
             r.priority,
-            self.shared.settings.max_attempts,
+            &self.shared.settings.max_attempts,
         )
         .await
         .map_err(internal)?;

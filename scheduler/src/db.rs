@@ -10,6 +10,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::graph::{self, JobKind, NewJob};
+use crate::state::MaxAttempts;
 
 /// A database error, or a request the job state refuses.
 #[derive(Debug, thiserror::Error)]
@@ -17,7 +18,7 @@ pub enum DbError {
     /// PostgreSQL failed.
     #[error("database: {0}")]
     Sql(#[from] sqlx::Error),
-    /// The completion's lease is not the job's current lease (expired, requeued, or already completed).
+    /// The report's lease is unknown, or its job already succeeded or failed through another lease.
     #[error("lease {0} is not current (stale or unknown): nothing recorded")]
     StaleLease(Uuid),
     /// Stored data that the scheduler cannot interpret.
@@ -67,6 +68,35 @@ pub struct Completion {
     pub queued: u64,
     /// The batch is now proven.
     pub batch_proven: bool,
+    /// The report had been recorded before (a worker resends reports it saw no answer to): nothing changed.
+    pub already_recorded: bool,
+    /// A late result: the lease had expired and the job was leased again. That other lease is
+    /// superseded (its holder gets a `Revoke`), with the connection that held it.
+    pub superseded: Option<(Uuid, Option<String>)>,
+}
+
+/// A lease that ended without a success (failed, expired), and what became of its job.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    /// The lease.
+    pub lease_id: Uuid,
+    /// The job's batch.
+    pub batch_number: i64,
+    /// The connection that held it (`jobs.leased_to`), to revoke it there.
+    pub holder: Option<String>,
+    /// The job failed for good (and with it the batch); otherwise it is queued again.
+    pub job_failed: bool,
+}
+
+/// How a lease ends without success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// The worker reported a failure.
+    Failed,
+    /// The worker gave it back unfinished (drain): queued again, the attempt does not count.
+    HandedBack,
+    /// Its deadline passed without a heartbeat.
+    Expired,
 }
 
 /// Per-round progress of a batch.
@@ -146,7 +176,7 @@ pub async fn submit_batch(
     geometry: &Geometry,
     input_key: &str,
     priority: i32,
-    max_attempts: i32,
+    max_attempts: &MaxAttempts,
 ) -> Result<bool, DbError> {
     let mut tx = pool.begin().await?;
     let created = sqlx::query(
@@ -170,7 +200,7 @@ pub async fn submit_batch(
              VALUES ($1, 'witness_generation', 0, 0, 'queued', $2, $3, $4, $5, $6, now())",
         )
         .bind(i64::from(batch.0))
-        .bind(max_attempts)
+        .bind(max_attempts.of(JobKind::WitnessGeneration))
         .bind(priority)
         .bind(i32::from(version.minor))
         .bind(i32::from(version.patch))
@@ -203,7 +233,8 @@ pub async fn lease(
                    AND (cardinality($4::int[]) = 0 OR (protocol_minor * 65536 + protocol_patch) = ANY($4))
                  ORDER BY priority DESC, batch_number, id
                  LIMIT 1 FOR UPDATE SKIP LOCKED)
-             RETURNING *)
+             RETURNING *),
+         history AS (INSERT INTO leases (lease_id, job_id, worker) SELECT lease_id, id, leased_to FROM picked)
          SELECT p.id, p.lease_id, p.batch_number, p.kind, p.aggregation_round, p.circuit_id, p.depth,
                 p.sequence_number, p.protocol_minor, p.protocol_patch, p.input_key, p.output_key,
                 (extract(epoch FROM p.lease_deadline) * 1000)::bigint AS deadline_ms, b.geometry
@@ -236,9 +267,10 @@ pub async fn input_artifacts(pool: &PgPool, job_id: i64) -> Result<Vec<(String, 
 /// Puts a lease that never reached its worker back in the queue, without counting the attempt.
 pub async fn unlease(pool: &PgPool, lease_id: Uuid) -> Result<(), DbError> {
     sqlx::query(
-        "UPDATE jobs SET status = 'queued', lease_id = NULL, leased_to = NULL, lease_deadline = NULL,
-                attempts = attempts - 1, queued_at = now()
-         WHERE lease_id = $1 AND status = 'leased'",
+        "WITH j AS (UPDATE jobs SET status = 'queued', lease_id = NULL, leased_to = NULL, lease_deadline = NULL,
+                                    attempts = attempts - 1, queued_at = now()
+                    WHERE lease_id = $1 AND status = 'leased' RETURNING id)
+         UPDATE leases SET outcome = 'unsent', ended_at = now() WHERE lease_id = $1 AND outcome IS NULL",
     )
     .bind(lease_id)
     .execute(pool)
@@ -246,66 +278,146 @@ pub async fn unlease(pool: &PgPool, lease_id: Uuid) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Requeues every lease held by a worker that went away (the attempt counts); past
-/// `max_attempts` the job and its batch fail. Returns the leases released, with their batches.
-pub async fn release_worker(pool: &PgPool, worker: &str) -> Result<Vec<(Uuid, i64)>, DbError> {
-    let leases: Vec<Uuid> = sqlx::query_scalar("SELECT lease_id FROM jobs WHERE leased_to = $1 AND status = 'leased'")
-        .bind(worker)
-        .fetch_all(pool)
-        .await?;
-    let mut released = vec![];
-    for lease in leases {
-        match fail(pool, lease, &format!("worker {worker} disconnected"), true).await {
-            Ok(b) => released.push((lease, b)),
-            Err(DbError::StaleLease(_)) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    sqlx::query("UPDATE workers SET disconnected_at = now() WHERE id = $1").bind(worker).execute(pool).await?;
-    Ok(released)
-}
-
-/// Renews the deadline of every lease `worker` holds.
-pub async fn renew(pool: &PgPool, worker: &str, lease_secs: f64) -> Result<u64, DbError> {
+/// A worker's stream ended: the leases attached to it get at most `grace_secs` more to be
+/// re-attached by a reconnecting worker (`Register.held_leases`, heartbeats); after that they
+/// expire like any other. Returns how many leases it held.
+pub async fn detach_worker(pool: &PgPool, worker: &str, grace_secs: f64) -> Result<u64, DbError> {
     let n = sqlx::query(
-        "UPDATE jobs SET lease_deadline = now() + make_interval(secs => $2)
+        "UPDATE jobs SET lease_deadline = least(lease_deadline, now() + make_interval(secs => $2))
          WHERE leased_to = $1 AND status = 'leased'",
     )
     .bind(worker)
-    .bind(lease_secs)
+    .bind(grace_secs)
     .execute(pool)
     .await?
     .rows_affected();
-    sqlx::query("UPDATE workers SET last_seen = now() WHERE id = $1").bind(worker).execute(pool).await?;
+    sqlx::query("UPDATE workers SET disconnected_at = now() WHERE id = $1").bind(worker).execute(pool).await?;
     Ok(n)
 }
 
-/// Records a completion. Refused with [`DbError::StaleLease`] unless `lease` is the job's current
-/// lease. A round-0 witness generation inserts the batch's job graph from `counts`; every
+/// Renews `leases` for the connection `worker`: each current one gets the deadline now +
+/// `lease_secs` and is attached to `worker` (a reconnected worker re-attaches its leases this way,
+/// and a prover takes over the lease of a witness vector it accepted). Returns the leases that
+/// are not current (stale: expired and leased again, or finished), for the caller to revoke.
+pub async fn renew(pool: &PgPool, worker: &str, leases: &[Uuid], lease_secs: f64) -> Result<Vec<Uuid>, DbError> {
+    let renewed: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE jobs SET lease_deadline = now() + make_interval(secs => $3), leased_to = $1
+         WHERE lease_id = ANY($2) AND status = 'leased'
+         RETURNING lease_id",
+    )
+    .bind(worker)
+    .bind(leases)
+    .bind(lease_secs)
+    .fetch_all(pool)
+    .await?;
+    sqlx::query("UPDATE workers SET last_seen = now() WHERE id = $1").bind(worker).execute(pool).await?;
+    Ok(leases.iter().copied().filter(|l| !renewed.contains(l)).collect())
+}
+
+/// The leases whose deadline has passed.
+pub async fn due_leases(pool: &PgPool) -> Result<Vec<Uuid>, DbError> {
+    Ok(sqlx::query_scalar("SELECT lease_id FROM jobs WHERE status = 'leased' AND lease_deadline <= now()")
+        .fetch_all(pool)
+        .await?)
+}
+
+/// Seconds until the earliest lease deadline (negative if one has passed), or `None` when no
+/// job is leased.
+pub async fn next_deadline_secs(pool: &PgPool) -> Result<Option<f64>, DbError> {
+    Ok(sqlx::query_scalar(
+        "SELECT extract(epoch FROM min(lease_deadline) - now())::float8 FROM jobs WHERE status = 'leased'",
+    )
+    .fetch_one(pool)
+    .await?)
+}
+
+/// The job row a result claims: its current lease or, for a late result, an earlier one.
+struct Claim {
+    id: i64,
+    batch: i64,
+    kind: String,
+    round: i16,
+    priority: i32,
+    minor: i32,
+    patch: i32,
+    output_key: Option<String>,
+    superseded: Option<(Uuid, Option<String>)>,
+}
+
+/// Marks the job of `lease` succeeded, if no other lease of it did. The current lease is the
+/// common case. A late result (its lease expired and the job was queued or leased again) is
+/// accepted too, once: the first valid result wins and the newer lease is superseded.
+/// `Ok(None)`: this lease's success was recorded before.
+async fn claim_success(
+    tx: &mut Transaction<'_, Postgres>,
+    lease: Uuid,
+    compute_secs: f64,
+) -> Result<Option<Claim>, DbError> {
+    let outcome: Option<(i64, Option<String>)> =
+        sqlx::query_as("SELECT job_id, outcome FROM leases WHERE lease_id = $1").bind(lease).fetch_optional(&mut **tx).await?;
+    let Some((job, outcome)) = outcome else { return Err(DbError::StaleLease(lease)) };
+    match outcome.as_deref() {
+        Some("succeeded") => return Ok(None),
+        None | Some("expired") => {}
+        // It failed (reported by its worker) or was never sent: no result can come from it.
+        Some(_) => return Err(DbError::StaleLease(lease)),
+    }
+    // Lock the job; it must still be unfinished.
+    let row = sqlx::query_as::<_, (String, Option<Uuid>, Option<String>)>(
+        "SELECT status, lease_id, leased_to FROM jobs WHERE id = $1 FOR UPDATE",
+    )
+    .bind(job)
+    .fetch_one(&mut **tx)
+    .await?;
+    let (status, current, holder) = row;
+    if status != "queued" && status != "leased" {
+        return Err(DbError::StaleLease(lease));
+    }
+    let superseded = current.filter(|c| *c != lease).map(|c| (c, holder));
+    if let Some((other, _)) = &superseded {
+        sqlx::query("UPDATE leases SET outcome = 'superseded', ended_at = now() WHERE lease_id = $1 AND outcome IS NULL")
+            .bind(other)
+            .execute(&mut **tx)
+            .await?;
+    }
+    sqlx::query("UPDATE leases SET outcome = 'succeeded', ended_at = now() WHERE lease_id = $1")
+        .bind(lease)
+        .execute(&mut **tx)
+        .await?;
+    let (id, batch, kind, round, priority, minor, patch, output_key) =
+        sqlx::query_as::<_, (i64, i64, String, i16, i32, i32, i32, Option<String>)>(
+            "UPDATE jobs SET status = 'succeeded', finished_at = now(), compute_secs = $2, lease_id = $3,
+                             lease_deadline = NULL, error = NULL
+             WHERE id = $1
+             RETURNING id, batch_number, kind, aggregation_round, priority, protocol_minor, protocol_patch, output_key",
+        )
+        .bind(job)
+        .bind(compute_secs)
+        .bind(lease)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(Some(Claim { id, batch, kind, round, priority, minor, patch, output_key, superseded }))
+}
+
+/// Records a completion: the first valid result of a job wins (see `claim_success`); refused with
+/// [`DbError::StaleLease`] when the lease is unknown, failed, or its job already finished through
+/// another lease. A round-0 witness generation inserts the batch's job graph from `counts`; every
 /// completion queues the waiting jobs whose inputs are now all done; compression marks the batch
-/// proven. One transaction.
+/// proven. One transaction; recording the same lease twice changes nothing the second time.
 pub async fn complete(
     pool: &PgPool,
     lease: Uuid,
     counts: &[(CircuitId, u32)],
     compute_secs: f64,
-    max_attempts: i32,
+    max_attempts: &MaxAttempts,
 ) -> Result<Completion, DbError> {
     let mut tx = pool.begin().await?;
-    let row = sqlx::query_as::<_, (i64, i64, String, i16, i32, i32, i32, Option<String>)>(
-        "UPDATE jobs SET status = 'succeeded', finished_at = now(), compute_secs = $2, lease_deadline = NULL
-         WHERE lease_id = $1 AND status = 'leased'
-         RETURNING id, batch_number, kind, aggregation_round, priority, protocol_minor, protocol_patch, output_key",
-    )
-    .bind(lease)
-    .bind(compute_secs)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((id, batch, kind, round, priority, minor, patch, output_key)) = row else {
-        return Err(DbError::StaleLease(lease));
+    let Some(claim) = claim_success(&mut tx, lease, compute_secs).await? else {
+        return Ok(Completion { already_recorded: true, ..Completion::default() });
     };
+    let Claim { id, batch, kind, round, priority, minor, patch, output_key, superseded } = claim;
     let kind = JobKind::parse(&kind).ok_or_else(|| DbError::Invalid(format!("job {id} kind {kind}")))?;
-    let mut done = Completion { batch_number: batch, ..Completion::default() };
+    let mut done = Completion { batch_number: batch, superseded, ..Completion::default() };
     match (kind, round) {
         (JobKind::WitnessGeneration, 0) => {
             let geometry: Vec<i32> = sqlx::query_scalar("SELECT geometry FROM batches WHERE batch_number = $1")
@@ -347,7 +459,7 @@ async fn insert_graph(
     tx: &mut Transaction<'_, Postgres>,
     batch: i64,
     jobs: &[NewJob],
-    (max_attempts, priority, minor, patch): (i32, i32, i32, i32),
+    (max_attempts, priority, minor, patch): (&MaxAttempts, i32, i32, i32),
 ) -> Result<u64, DbError> {
     let mut ids = Vec::with_capacity(jobs.len());
     let mut queued = 0;
@@ -367,7 +479,7 @@ async fn insert_graph(
         .bind(i16::from(job.depth))
         .bind(job.sequence_number as i32)
         .bind(if ready { "queued" } else { "waiting" })
-        .bind(max_attempts)
+        .bind(max_attempts.of(job.kind))
         .bind(priority)
         .bind(minor)
         .bind(patch)
@@ -415,33 +527,64 @@ async fn queue_ready_dependents(tx: &mut Transaction<'_, Postgres>, input: i64) 
     Ok(n)
 }
 
-/// Records a failure. A retryable one under `max_attempts` goes back to the queue; otherwise the
-/// job fails and so does its batch (its unfinished jobs stop). Refused with
-/// [`DbError::StaleLease`] unless `lease` is current. Returns the batch number.
-pub async fn fail(pool: &PgPool, lease: Uuid, error: &str, retryable: bool) -> Result<i64, DbError> {
+/// Ends `lease` without success: a failure its worker reported, or an expired deadline (for
+/// [`EndReason::Expired`] only if the deadline has indeed passed: a heartbeat may have won the
+/// race). A retryable end under the job's `max_attempts` queues the job again; otherwise the job
+/// fails with `error` and so does its batch (its unfinished jobs stop; the batch's error names
+/// the job, the attempts and the last error). Refused with [`DbError::StaleLease`] unless `lease`
+/// is current; `Ok(None)` when this failure was recorded before.
+pub async fn end_lease(
+    pool: &PgPool,
+    lease: Uuid,
+    error: &str,
+    retryable: bool,
+    reason: EndReason,
+) -> Result<Option<Ended>, DbError> {
     let mut tx = pool.begin().await?;
-    let row = sqlx::query_as::<_, (i64, String, String, i16, i16, i16, i32)>(
-        "UPDATE jobs SET
-             status = CASE WHEN $3 AND attempts < max_attempts THEN 'queued' ELSE 'failed' END,
+    let expired = reason == EndReason::Expired;
+    let handed_back = reason == EndReason::HandedBack;
+    let row = sqlx::query_as::<_, (i64, String, Option<String>, String, i16, i16, i16, i32, i32)>(
+        "WITH old AS (SELECT id, leased_to FROM jobs WHERE lease_id = $1 AND status = 'leased' FOR UPDATE)
+         UPDATE jobs SET
+             attempts = CASE WHEN $5 THEN attempts - 1 ELSE attempts END,
+             status = CASE WHEN $5 OR ($3 AND attempts < max_attempts) THEN 'queued' ELSE 'failed' END,
              queued_at = now(), lease_id = NULL, leased_to = NULL, lease_deadline = NULL, error = $2,
-             finished_at = CASE WHEN $3 AND attempts < max_attempts THEN NULL ELSE now() END
-         WHERE lease_id = $1 AND status = 'leased'
-         RETURNING batch_number, status, kind, aggregation_round, circuit_id, depth, sequence_number",
+             finished_at = CASE WHEN $5 OR ($3 AND attempts < max_attempts) THEN NULL ELSE now() END
+         FROM old
+         WHERE jobs.id = old.id AND (NOT $4 OR jobs.lease_deadline <= now())
+         RETURNING jobs.batch_number, jobs.status, old.leased_to, jobs.kind, jobs.aggregation_round, jobs.circuit_id,
+                   jobs.depth, jobs.sequence_number, jobs.attempts",
     )
     .bind(lease)
     .bind(error)
     .bind(retryable)
+    .bind(expired)
+    .bind(handed_back)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((batch, status, kind, round, circuit, depth, seq)) = row else {
-        return Err(DbError::StaleLease(lease));
+    let Some((batch, status, holder, kind, round, circuit, depth, seq, attempts)) = row else {
+        let outcome: Option<Option<String>> =
+            sqlx::query_scalar("SELECT outcome FROM leases WHERE lease_id = $1").bind(lease).fetch_optional(&mut *tx).await?;
+        return match outcome {
+            Some(Some(o)) if o == "failed" && !expired => Ok(None),
+            _ => Err(DbError::StaleLease(lease)),
+        };
     };
-    if status == "failed" {
-        let what = format!("{kind} job (round {round}, circuit {circuit}, depth {depth}, seq {seq}) failed: {error}");
+    sqlx::query("UPDATE leases SET outcome = $2, ended_at = now(), error = $3 WHERE lease_id = $1")
+        .bind(lease)
+        .bind(if expired { "expired" } else { "failed" })
+        .bind(error)
+        .execute(&mut *tx)
+        .await?;
+    let job_failed = status == "failed";
+    if job_failed {
+        let what = format!(
+            "{kind} job (round {round}, circuit {circuit}, depth {depth}, seq {seq}) failed after {attempts} attempt(s): {error}"
+        );
         fail_batch(&mut tx, batch, &what).await?;
     }
     tx.commit().await?;
-    Ok(batch)
+    Ok(Some(Ended { lease_id: lease, batch_number: batch, holder, job_failed }))
 }
 
 async fn fail_batch(tx: &mut Transaction<'_, Postgres>, batch: i64, error: &str) -> Result<(), DbError> {

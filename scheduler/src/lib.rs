@@ -6,11 +6,13 @@
 //! - [`db`]: every SQL statement (compare-and-set transitions, leasing with `SKIP LOCKED`).
 //! - [`registry`]: the connected workers, their credits and prover slots; zone matching.
 //! - [`dispatch`]: the task that turns queued jobs and credits into leases.
+//! - [`expiry`]: the timer that ends leases past their deadline.
 //! - [`work`], [`batches`]: the gRPC services.
 
 pub mod batches;
 pub mod db;
 pub mod dispatch;
+pub mod expiry;
 pub mod graph;
 pub mod registry;
 pub mod state;
@@ -22,7 +24,7 @@ use proofmesh_proto::v1;
 use tokio_util::sync::CancellationToken;
 
 pub use registry::ZonePolicy;
-pub use state::{Settings, Shared};
+pub use state::{MaxAttempts, Settings, Shared};
 
 /// Applies the migrations in `scheduler/migrations` (idempotent).
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
@@ -30,21 +32,25 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateEr
 }
 
 /// Serves `Scheduler`, `Batches`, `Admin`, reflection and health on `listener` and runs the
-/// dispatcher, until `cancel`. Errors: the transport failed.
+/// dispatcher and the lease-expiry timer, until `cancel`. On `cancel` it stops leasing, ends every
+/// worker stream (workers reconnect to the next scheduler and re-attach their leases) and leaves
+/// the job state as it is in PostgreSQL. Errors: the transport failed.
 pub async fn serve(
     shared: Arc<Shared>,
     listener: tokio::net::TcpListener,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let dispatcher = tokio::spawn(dispatch::run(shared.clone(), cancel.clone()));
+    let expiry = tokio::spawn(expiry::run(shared.clone(), cancel.clone()));
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(v1::scheduler_server::SchedulerServer::new(work::WorkService::new(shared.clone())))
+        .add_service(v1::scheduler_server::SchedulerServer::new(work::WorkService::new(shared.clone(), cancel.clone())))
         .add_service(v1::batches_server::BatchesServer::new(batches::BatchService::new(shared.clone())))
         .add_service(v1::admin_server::AdminServer::new(batches::BatchService::new(shared.clone())));
     let router = proofmesh_proto::reflection_and_health(router)?;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     router.serve_with_incoming_shutdown(incoming, cancel.cancelled_owned()).await?;
     dispatcher.await?;
+    expiry.await?;
     Ok(())
 }

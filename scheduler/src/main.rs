@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use proofmesh_core::{Geometry, LocalStore};
-use proofmesh_scheduler::{Settings, Shared, ZonePolicy};
+use proofmesh_scheduler::{MaxAttempts, Settings, Shared, ZonePolicy};
 use tokio_util::sync::CancellationToken;
 
 /// A named geometry.
@@ -35,15 +35,29 @@ struct Args {
     /// Geometry of new batches.
     #[arg(long, env = "PROOFMESH_GEOMETRY", value_enum, default_value = "default")]
     geometry: GeometryName,
-    /// A lease's lifetime without a heartbeat, seconds.
-    #[arg(long, env = "PROOFMESH_LEASE_TIMEOUT_SECS", default_value_t = 120.0)]
+    /// A lease's lifetime without a heartbeat, seconds: how long a hung worker (connected, silent,
+    /// e.g. SIGSTOPped or cut off by a half-open network) holds its job. Six heartbeats by default.
+    #[arg(long, env = "PROOFMESH_LEASE_TIMEOUT_SECS", default_value_t = 30.0)]
     lease_timeout_secs: f64,
+    /// How long the leases of a worker whose stream ended wait for it to reconnect and re-attach
+    /// them, seconds: how long a crashed worker holds its job.
+    #[arg(long, env = "PROOFMESH_RECONNECT_GRACE_SECS", default_value_t = 10.0)]
+    reconnect_grace_secs: f64,
     /// Heartbeat interval workers are told to keep, milliseconds.
-    #[arg(long, env = "PROOFMESH_HEARTBEAT_INTERVAL_MS", default_value_t = 10_000)]
+    #[arg(long, env = "PROOFMESH_HEARTBEAT_INTERVAL_MS", default_value_t = 5_000)]
     heartbeat_interval_ms: u32,
-    /// Attempts per job before the job and its batch fail.
+    /// Attempts per job before the job and its batch fail (every kind; the three flags below override it).
     #[arg(long, env = "PROOFMESH_MAX_ATTEMPTS", default_value_t = 3)]
     max_attempts: i32,
+    /// Attempts per witness-generation job.
+    #[arg(long, env = "PROOFMESH_MAX_ATTEMPTS_WITNESS_GENERATION")]
+    max_attempts_witness_generation: Option<i32>,
+    /// Attempts per proving job (WVG and prover).
+    #[arg(long, env = "PROOFMESH_MAX_ATTEMPTS_PROVING")]
+    max_attempts_proving: Option<i32>,
+    /// Attempts per compression job.
+    #[arg(long, env = "PROOFMESH_MAX_ATTEMPTS_COMPRESSION")]
+    max_attempts_compression: Option<i32>,
     /// Let a WVG stream to a prover of another zone when none of its zone is free (default: wait).
     #[arg(long, env = "PROOFMESH_CROSS_ZONE")]
     cross_zone: bool,
@@ -68,13 +82,28 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("connecting to PostgreSQL")?;
     proofmesh_scheduler::migrate(&pool).await.context("applying migrations")?;
+    anyhow::ensure!(args.lease_timeout_secs > 0.0, "--lease-timeout-secs must be positive");
+    anyhow::ensure!(
+        args.heartbeat_interval_ms > 0 && f64::from(args.heartbeat_interval_ms) / 1000.0 < args.lease_timeout_secs,
+        "--heartbeat-interval-ms must be positive and shorter than --lease-timeout-secs"
+    );
+    let max_attempts = MaxAttempts {
+        witness_generation: args.max_attempts_witness_generation.unwrap_or(args.max_attempts),
+        proving: args.max_attempts_proving.unwrap_or(args.max_attempts),
+        compression: args.max_attempts_compression.unwrap_or(args.max_attempts),
+    };
+    anyhow::ensure!(
+        [max_attempts.witness_generation, max_attempts.proving, max_attempts.compression].iter().all(|&n| n >= 1),
+        "max attempts must be at least 1"
+    );
     let settings = Settings {
         geometry: match args.geometry {
             GeometryName::Default => Geometry::default(),
             GeometryName::Small => Geometry::small(),
         },
         lease_secs: args.lease_timeout_secs,
-        max_attempts: args.max_attempts,
+        reconnect_grace_secs: args.reconnect_grace_secs.clamp(0.0, args.lease_timeout_secs),
+        max_attempts,
         zone_policy: if args.cross_zone { ZonePolicy::CrossZoneWhenNoneFree } else { ZonePolicy::SameZoneOnly },
         heartbeat_ms: args.heartbeat_interval_ms,
     };
@@ -85,11 +114,8 @@ async fn main() -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     proofmesh_core::shutdown::cancel_on_signal(cancel.clone());
     let server = tokio::spawn(proofmesh_scheduler::serve(shared, listener, cancel.clone()));
-    cancel.cancelled().await;
-    // Worker streams stay open until workers notice; do not wait for them past a grace period.
-    match tokio::time::timeout(Duration::from_secs(2), server).await {
-        Ok(joined) => joined??,
-        Err(_) => tracing::info!("worker streams still open after 2 s; exiting"),
-    }
+    // On SIGTERM `serve` stops leasing, ends every worker stream and returns; leases stay in
+    // PostgreSQL for the next scheduler, which the workers re-attach them to.
+    server.await??;
     Ok(())
 }

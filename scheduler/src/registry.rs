@@ -35,6 +35,8 @@ pub struct Conn {
     pub credits: u32,
     /// Provers: slots held by WVG leases.
     pub slots_used: u32,
+    /// It sent `Drain`: no more leases, no more witness vectors.
+    pub draining: bool,
     /// Its stream.
     pub outbox: Outbox,
 }
@@ -87,7 +89,7 @@ impl Registry {
         let mut ids: Vec<String> = self
             .workers
             .values()
-            .filter(|c| c.credits > 0 && c.role != Role::Prover)
+            .filter(|c| c.credits > 0 && c.role != Role::Prover && !c.draining)
             .map(|c| c.id.clone())
             .collect();
         ids.sort();
@@ -99,7 +101,7 @@ impl Registry {
     /// one with the most free slots. `None` if no prover qualifies.
     pub fn pick_prover(&self, wvg: &Conn, policy: ZonePolicy) -> Option<String> {
         let mut best: Option<(u8, u32, &str)> = None;
-        for p in self.workers.values().filter(|p| p.role == Role::Prover && p.slots_used < p.capacity) {
+        for p in self.workers.values().filter(|p| p.role == Role::Prover && p.slots_used < p.capacity && !p.draining) {
             let locality = match (p.zone == wvg.zone, p.host == wvg.host) {
                 (true, true) => 0,
                 (true, false) => 1,
@@ -162,6 +164,7 @@ mod tests {
             versions: vec![],
             credits: 1,
             slots_used: 0,
+            draining: false,
             outbox,
         }
     }

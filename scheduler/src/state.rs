@@ -4,20 +4,54 @@
 use std::sync::{Arc, Mutex};
 
 use proofmesh_core::{ArtifactStore, Geometry};
+use proofmesh_proto::v1;
 use sqlx::PgPool;
 use tokio::sync::{broadcast, Notify};
 
+use crate::graph::JobKind;
 use crate::registry::{Registry, ZonePolicy};
+
+/// Attempts a job of each kind gets before it (and its batch) fails. An attempt is a lease that
+/// reached a worker and ended without success: a reported retryable failure or an expired deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaxAttempts {
+    /// Witness generation (all rounds).
+    pub witness_generation: i32,
+    /// Proving (WVG and prover together).
+    pub proving: i32,
+    /// Compression.
+    pub compression: i32,
+}
+
+impl MaxAttempts {
+    /// `n` for every kind.
+    pub fn uniform(n: i32) -> Self {
+        MaxAttempts { witness_generation: n, proving: n, compression: n }
+    }
+
+    /// The limit for `kind`.
+    pub fn of(&self, kind: JobKind) -> i32 {
+        match kind {
+            JobKind::WitnessGeneration => self.witness_generation,
+            JobKind::Proving => self.proving,
+            JobKind::Compression => self.compression,
+        }
+    }
+}
 
 /// The scheduler's settings (from its command line).
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// The geometry new batches are proven with.
     pub geometry: Geometry,
-    /// A lease's lifetime without a heartbeat, seconds.
+    /// A lease's lifetime without a heartbeat, seconds: how long a hung (connected but silent)
+    /// worker holds a job before it is leased again.
     pub lease_secs: f64,
-    /// Attempts per job before it (and its batch) fails.
-    pub max_attempts: i32,
+    /// How long the leases of a worker whose stream ended wait for it to reconnect and re-attach
+    /// them, seconds (at most `lease_secs`): how long a crashed worker holds a job.
+    pub reconnect_grace_secs: f64,
+    /// Attempts per job, by kind.
+    pub max_attempts: MaxAttempts,
     /// Whether a WVG may stream to a prover of another zone.
     pub zone_policy: ZonePolicy,
     /// How often workers must heartbeat, milliseconds.
@@ -40,6 +74,9 @@ pub struct Shared {
     pub batch_events: broadcast::Sender<i64>,
     /// Where final proofs are read for `GetProof`.
     pub artifacts: Arc<dyn ArtifactStore>,
+    /// Woken when a lease deadline may have moved earlier (a lease granted, a worker gone), for
+    /// the expiry timer.
+    pub deadlines: Notify,
 }
 
 impl Shared {
@@ -52,6 +89,7 @@ impl Shared {
             wake: Notify::new(),
             batch_events: broadcast::channel(1024).0,
             artifacts,
+            deadlines: Notify::new(),
         })
     }
 
@@ -63,6 +101,15 @@ impl Shared {
     /// Tells the dispatcher to look for leasable work.
     pub fn wake_dispatcher(&self) {
         self.wake.notify_one();
+    }
+
+    /// Sends `Revoke` for `lease` to the worker connection `holder`, if it is connected.
+    pub fn revoke(&self, holder: &str, lease: uuid::Uuid, reason: &str) {
+        if let Some(conn) = self.registry().get(holder) {
+            let revoke = v1::Revoke { lease_id: lease.to_string(), reason: reason.into() };
+            let msg = v1::SchedulerMessage { msg: Some(v1::scheduler_message::Msg::Revoke(revoke)) };
+            let _ = conn.outbox.try_send(Ok(msg));
+        }
     }
 
     /// Tells `WatchBatch` streams that `batch` changed.

@@ -1,6 +1,9 @@
-//! `Scheduler.Work`: one bidirectional stream per worker. The worker registers, grants credits,
-//! heartbeats and reports completions and failures; the scheduler answers with leases (pushed by
-//! the dispatcher) and with `Refused` for a report it did not record.
+//! `Scheduler.Work`: one bidirectional stream per worker. The worker registers (re-attaching the
+//! leases it still works on after a reconnect), grants credits, heartbeats the leases it holds and
+//! reports completions and failures; the scheduler answers with leases (pushed by the dispatcher),
+//! `Recorded` or `Refused` for each report, and `Revoke` for a lease that is no longer the
+//! worker's. A report that hits a database error ends the stream: the worker reconnects and sends
+//! it again, so no report is lost to a PostgreSQL restart.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,10 +13,11 @@ use proofmesh_proto::v1::{self, scheduler_message, worker_message, Role};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use crate::db::{self, DbError};
+use crate::db::{self, DbError, EndReason};
 use crate::registry::{Conn, Outbox};
 use crate::state::Shared;
 
@@ -21,12 +25,15 @@ use crate::state::Shared;
 #[derive(Debug, Clone)]
 pub struct WorkService {
     shared: Arc<Shared>,
+    /// Scheduler shutdown: streams end, and their leases are left as they are for the next
+    /// scheduler (the workers re-attach them).
+    shutdown: CancellationToken,
 }
 
 impl WorkService {
-    /// The service over `shared`.
-    pub fn new(shared: Arc<Shared>) -> Self {
-        WorkService { shared }
+    /// The service over `shared`, until `shutdown`.
+    pub fn new(shared: Arc<Shared>, shutdown: CancellationToken) -> Self {
+        WorkService { shared, shutdown }
     }
 }
 
@@ -95,30 +102,60 @@ impl v1::scheduler_server::Scheduler for WorkService {
             versions: reg.protocol_versions.iter().map(|v| (v.minor * 65536 + v.patch) as i32).collect(),
             credits: 0,
             slots_used: 0,
+            draining: false,
             outbox: outbox.clone(),
         });
+        let held = parse_leases(&reg.held_leases);
+        if !held.is_empty() {
+            // Re-attach: the leases still current become this stream's; a prover's hold its slots again.
+            let stale = renew(&self.shared, &id, &held).await.map_err(internal)?;
+            if role == Role::Prover {
+                let mut registry = self.shared.registry();
+                for lease in held.iter().filter(|l| !stale.contains(l)) {
+                    registry.hold_slot(&id, *lease);
+                }
+            }
+            tracing::info!(worker = %id, reattached = held.len() - stale.len(), revoked = stale.len(), "leases re-attached");
+        }
         tracing::info!(worker = %id, name, role = role_name(role), zone = reg.zone, host = reg.host, "registered");
         self.shared.wake_dispatcher();
 
-        let shared = self.shared.clone();
+        let (shared, shutdown) = (self.shared.clone(), self.shutdown.clone());
         tokio::spawn(async move {
-            let end = serve_worker(&shared, &id, &mut inbound, &outbox).await;
+            let end = tokio::select! {
+                end = serve_worker(&shared, &id, &mut inbound, &outbox) => end,
+                _ = shutdown.cancelled() => "scheduler shutting down".to_string(),
+            };
             shared.registry().remove(&id);
-            match db::release_worker(&shared.pool, &id).await {
-                Ok(released) => {
-                    for (lease, batch) in released {
-                        // A WVG's lease held a prover slot: the job is queued again, the slot is free.
-                        shared.registry().free_slot(lease);
-                        shared.batch_changed(batch);
+            if !shutdown.is_cancelled() {
+                match db::detach_worker(&shared.pool, &id, shared.settings.reconnect_grace_secs).await {
+                    Ok(n) if n > 0 => {
+                        tracing::info!(worker = %id, leases = n, "its leases expire unless re-attached within {:.0} s", shared.settings.reconnect_grace_secs);
+                        shared.deadlines.notify_one();
                     }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(worker = %id, "detaching its leases: {e}"),
                 }
-                Err(e) => tracing::error!(worker = %id, "releasing its leases: {e}"),
             }
             tracing::info!(worker = %id, "disconnected: {end}");
             shared.wake_dispatcher();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Renews `leases` for connection `id` and revokes there those that are not current. Returns those.
+async fn renew(shared: &Shared, id: &str, leases: &[Uuid]) -> Result<Vec<Uuid>, DbError> {
+    let stale = db::renew(&shared.pool, id, leases, shared.settings.lease_secs).await?;
+    for lease in &stale {
+        tracing::warn!(worker = id, %lease, "heartbeat for a lease that is not current: revoked");
+        shared.revoke(id, *lease, "lease not current: it expired and the job was leased again, or it finished");
+    }
+    Ok(stale)
+}
+
+fn parse_leases(ids: &[String]) -> Vec<Uuid> {
+    ids.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect()
 }
 
 fn internal(e: DbError) -> Status {
@@ -133,26 +170,39 @@ async fn serve_worker(shared: &Shared, id: &str, inbound: &mut Streaming<v1::Wor
             Ok(None) => return "stream closed".into(),
             Err(e) => return format!("stream error: {e}"),
         };
-        let result = match msg {
+        match msg {
             Some(worker_message::Msg::Credit(c)) => {
-                if let Some(conn) = shared.registry().get_mut(id) {
+                if let Some(conn) = shared.registry().get_mut(id).filter(|c| !c.draining) {
                     conn.credits = conn.credits.saturating_add(c.n);
                 }
                 shared.wake_dispatcher();
-                Ok(())
             }
-            Some(worker_message::Msg::Heartbeat(_)) => {
-                db::renew(&shared.pool, id, shared.settings.lease_secs).await.map(|_| ())
+            Some(worker_message::Msg::Heartbeat(h)) => {
+                // A missed renewal is made good by the next heartbeat, well before the deadline.
+                if let Err(e) = renew(shared, id, &parse_leases(&h.lease_ids)).await {
+                    tracing::error!(worker = %id, "renewing leases: {e}");
+                }
             }
-            Some(worker_message::Msg::Completed(c)) => completed(shared, id, c, outbox).await,
-            Some(worker_message::Msg::Failed(f)) => failed(shared, id, f, outbox).await,
+            Some(worker_message::Msg::Drain(_)) => {
+                if let Some(conn) = shared.registry().get_mut(id) {
+                    conn.draining = true;
+                    conn.credits = 0;
+                }
+                tracing::info!(worker = %id, "draining: no more leases or witness vectors");
+            }
+            Some(worker_message::Msg::Completed(c)) => {
+                if let Err(e) = completed(shared, id, c, outbox).await {
+                    return format!("recording a completion: {e} (the worker sends it again)");
+                }
+            }
+            Some(worker_message::Msg::Failed(f)) => {
+                if let Err(e) = failed(shared, id, f, outbox).await {
+                    return format!("recording a failure: {e} (the worker sends it again)");
+                }
+            }
             Some(worker_message::Msg::Register(_)) | None => {
                 refuse(outbox, "", "unexpected message (Register is only the first message)").await;
-                Ok(())
             }
-        };
-        if let Err(e) = result {
-            tracing::error!(worker = %id, "{e}");
         }
     }
 }
@@ -160,6 +210,11 @@ async fn serve_worker(shared: &Shared, id: &str, inbound: &mut Streaming<v1::Wor
 async fn refuse(outbox: &Outbox, lease: &str, reason: &str) {
     let msg = v1::Refused { lease_id: lease.into(), reason: reason.into() };
     let _ = outbox.send(Ok(v1::SchedulerMessage { msg: Some(scheduler_message::Msg::Refused(msg)) })).await;
+}
+
+async fn recorded(outbox: &Outbox, lease: &str) {
+    let msg = v1::Recorded { lease_id: lease.into() };
+    let _ = outbox.send(Ok(v1::SchedulerMessage { msg: Some(scheduler_message::Msg::Recorded(msg)) })).await;
 }
 
 fn parse_lease(s: &str) -> Option<Uuid> {
@@ -176,13 +231,25 @@ async fn completed(shared: &Shared, worker: &str, c: v1::Completed, outbox: &Out
         .iter()
         .filter_map(|cc| u8::try_from(cc.circuit_id).ok().map(|id| (CircuitId(id), cc.count)))
         .collect();
-    match db::complete(&shared.pool, lease, &counts, c.compute_secs, shared.settings.max_attempts).await {
+    match db::complete(&shared.pool, lease, &counts, c.compute_secs, &shared.settings.max_attempts).await {
+        Ok(done) if done.already_recorded => {
+            recorded(outbox, &c.lease_id).await;
+            Ok(())
+        }
         Ok(done) => {
             tracing::debug!(worker, %lease, queued = done.queued, "completed");
             if done.batch_proven {
                 tracing::info!(batch = done.batch_number, "batch proven");
             }
             shared.registry().free_slot(lease);
+            if let Some((other, holder)) = &done.superseded {
+                tracing::warn!(worker, %lease, superseded = %other, "late result accepted: the job's newer lease is revoked");
+                shared.registry().free_slot(*other);
+                if let Some(holder) = holder {
+                    shared.revoke(holder, *other, "another lease of this job succeeded first");
+                }
+            }
+            recorded(outbox, &c.lease_id).await;
             shared.batch_changed(done.batch_number);
             shared.wake_dispatcher();
             Ok(())
@@ -204,16 +271,22 @@ async fn failed(shared: &Shared, worker: &str, f: v1::Failed, outbox: &Outbox) -
         refuse(outbox, &f.lease_id, "not a lease id").await;
         return Ok(());
     };
-    shared.registry().free_slot(lease);
-    match db::fail(&shared.pool, lease, &f.error, f.retryable).await {
-        Ok(batch) => {
-            tracing::warn!(worker, %lease, retryable = f.retryable, "job failed: {}", f.error);
-            shared.batch_changed(batch);
+    let reason = if f.handed_back { EndReason::HandedBack } else { EndReason::Failed };
+    match db::end_lease(&shared.pool, lease, &f.error, f.retryable, reason).await {
+        Ok(Some(ended)) => {
+            tracing::warn!(worker, %lease, retryable = f.retryable, job_failed = ended.job_failed, "job failed: {}", f.error);
+            shared.registry().free_slot(lease);
+            recorded(outbox, &f.lease_id).await;
+            shared.batch_changed(ended.batch_number);
             shared.wake_dispatcher();
             Ok(())
         }
+        Ok(None) => {
+            recorded(outbox, &f.lease_id).await;
+            Ok(())
+        }
         Err(DbError::StaleLease(_)) => {
-            shared.wake_dispatcher();
+            tracing::warn!(worker, %lease, "stale failure refused");
             refuse(outbox, &f.lease_id, "stale lease").await;
             Ok(())
         }

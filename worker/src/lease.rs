@@ -1,16 +1,23 @@
 //! The lease client every role shares: one `Scheduler.Work` stream, kept open across scheduler
-//! restarts (reconnect with backoff, register again, grant the free credits again).
+//! restarts and network cuts (reconnect with exponential backoff and jitter, register again with
+//! the leases still held, grant the free credits again).
 //!
-//! Credits are flow control: the client grants one credit per free slot, so the scheduler never
-//! pushes more leases than the worker can run. Reports (`Completed`, `Failed`) are queued and
-//! delivered on whatever stream is open when they are ready; the scheduler refuses them if the
-//! lease went stale meanwhile (a reconnect after the lease expired), and nothing is recorded twice.
+//! - Credits are flow control: one per free slot, so the scheduler never pushes more leases than
+//!   the worker can run.
+//! - Heartbeats name every lease held and are sent by the stream's own task on the async runtime;
+//!   executors run on blocking threads ([`crate::runner::execute`]), so proving cannot starve them.
+//! - Reports (`Completed`, `Failed`) stay pending until the scheduler answers `Recorded` or
+//!   `Refused`, and are sent again on every new stream: a report is never lost to a restart, and
+//!   the scheduler records each lease's report once.
+//! - Drain (SIGTERM): the client tells the scheduler to lease it nothing more.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proofmesh_proto::v1::{self, scheduler_client::SchedulerClient, scheduler_message, worker_message, Role};
+use rand::Rng;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -47,15 +54,27 @@ pub fn this_host() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// First reconnect delay; doubles per failed try up to [`BACKOFF_MAX`], with up to 50 % jitter.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
 /// A connection to the scheduler that survives its restarts.
 #[derive(Debug)]
 pub struct LeaseClient {
     reg: Registration,
     /// The current stream's sender; `None` while disconnected.
     out: Mutex<Option<mpsc::UnboundedSender<v1::WorkerMessage>>>,
-    connected: Notify,
-    /// Leases received and not yet released.
+    /// Leases received and not yet released (counts against capacity).
     in_flight: AtomicU32,
+    /// Leases this worker is working on: named in every heartbeat and in `Register` after a reconnect.
+    held: Mutex<BTreeSet<String>>,
+    /// Reports not yet answered, by lease id.
+    pending: Mutex<BTreeMap<String, v1::WorkerMessage>>,
+    /// Woken when a lease is released or a report answered.
+    changed: Notify,
+    /// `Drain` sent (and sent again after a reconnect).
+    draining: AtomicBool,
     /// Set by `Registered`.
     worker_id: Mutex<String>,
 }
@@ -65,21 +84,24 @@ fn msg(m: worker_message::Msg) -> v1::WorkerMessage {
 }
 
 impl LeaseClient {
-    /// Connects in the background (retrying until `cancel`); leases arrive on the returned receiver.
-    pub fn start(reg: Registration, cancel: CancellationToken) -> (Arc<Self>, mpsc::Receiver<v1::Lease>) {
+    /// Connects in the background (retrying until `stop`); leases arrive on the returned receiver.
+    pub fn start(reg: Registration, stop: CancellationToken) -> (Arc<Self>, mpsc::Receiver<v1::Lease>) {
         let client = Arc::new(LeaseClient {
             reg,
             out: Mutex::new(None),
-            connected: Notify::new(),
             in_flight: AtomicU32::new(0),
+            held: Mutex::default(),
+            pending: Mutex::default(),
+            changed: Notify::new(),
+            draining: AtomicBool::new(false),
             worker_id: Mutex::new(String::new()),
         });
         let (leases, rx) = mpsc::channel(1024);
-        tokio::spawn(client.clone().supervise(leases, cancel));
+        tokio::spawn(client.clone().supervise(leases, stop));
         (client, rx)
     }
 
-    /// The id the scheduler gave this worker (empty before the first registration).
+    /// The id the scheduler gave this worker's current stream (empty before the first registration).
     pub fn worker_id(&self) -> String {
         self.worker_id.lock().expect("poisoned").clone()
     }
@@ -95,60 +117,110 @@ impl LeaseClient {
         }
     }
 
-    /// Delivers a report, waiting for a connection if there is none (until `cancel`).
-    async fn report(&self, m: v1::WorkerMessage, cancel: &CancellationToken) {
+    /// Queues a report for `lease` and sends it if connected; it is sent again on every new
+    /// stream until the scheduler answers it.
+    fn report(&self, lease: &str, m: v1::WorkerMessage) {
+        self.pending.lock().expect("poisoned").insert(lease.to_string(), m.clone());
+        self.send_now(m);
+    }
+
+    /// Reports a completed job (its `lease_id` set).
+    pub fn completed(&self, c: v1::Completed) {
+        let lease = c.lease_id.clone();
+        self.report(&lease, msg(worker_message::Msg::Completed(c)));
+    }
+
+    /// Reports a failed job. `handed_back`: not a failure of the job, the worker gave it up
+    /// unfinished (drain); the scheduler requeues it without counting an attempt.
+    pub fn failed(&self, lease_id: &str, error: &str, retryable: bool, handed_back: bool) {
+        let f = v1::Failed { lease_id: lease_id.into(), error: error.into(), retryable, handed_back };
+        self.report(lease_id, msg(worker_message::Msg::Failed(f)));
+    }
+
+    /// Starts renewing `lease` (a received lease, or a witness vector a prover accepted) and
+    /// heartbeats it at once, which attaches it to this worker's stream.
+    pub fn hold(&self, lease: &str) {
+        self.held.lock().expect("poisoned").insert(lease.to_string());
+        self.send_now(msg(worker_message::Msg::Heartbeat(v1::Heartbeat { lease_ids: vec![lease.to_string()] })));
+    }
+
+    /// Stops renewing `lease` (its report is queued, or it was handed to a prover).
+    pub fn unhold(&self, lease: &str) {
+        self.held.lock().expect("poisoned").remove(lease);
+        self.changed.notify_waiters();
+    }
+
+    /// The leases held now.
+    pub fn held(&self) -> Vec<String> {
+        self.held.lock().expect("poisoned").iter().cloned().collect()
+    }
+
+    /// Frees the slot `lease` took and grants the scheduler one more credit (unless draining).
+    pub fn release(&self, lease: &str) {
+        self.unhold(lease);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if !self.draining.load(Ordering::SeqCst) {
+            // If disconnected, the next registration grants every free slot again.
+            self.send_now(msg(worker_message::Msg::Credit(v1::Credit { n: 1 })));
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Asks the scheduler to lease nothing more to this worker (and, for a prover, to match no
+    /// more WVGs with it).
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.send_now(msg(worker_message::Msg::Drain(v1::Drain {})));
+    }
+
+    /// Waits until no lease is held and every report is answered, or `within` passes. Returns
+    /// whether it got there.
+    pub async fn settled(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
-            let wait = self.connected.notified();
-            if self.send_now(m.clone()) {
-                return;
+            let wait = self.changed.notified();
+            let idle = self.held.lock().expect("poisoned").is_empty() && self.pending.lock().expect("poisoned").is_empty();
+            if idle {
+                return true;
             }
             tokio::select! {
                 _ = wait => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep_until(deadline) => return false,
             }
         }
     }
 
-    /// Reports a completed job.
-    pub async fn completed(&self, c: v1::Completed, cancel: &CancellationToken) {
-        self.report(msg(worker_message::Msg::Completed(c)), cancel).await;
-    }
-
-    /// Reports a failed job.
-    pub async fn failed(&self, lease_id: &str, error: &str, retryable: bool, cancel: &CancellationToken) {
-        let f = v1::Failed { lease_id: lease_id.into(), error: error.into(), retryable };
-        self.report(msg(worker_message::Msg::Failed(f)), cancel).await;
-    }
-
-    /// Frees the slot a lease held and grants the scheduler one more credit.
-    pub fn release(&self) {
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        // If disconnected, the next registration grants every free slot again.
-        self.send_now(msg(worker_message::Msg::Credit(v1::Credit { n: 1 })));
-    }
-
-    async fn supervise(self: Arc<Self>, leases: mpsc::Sender<v1::Lease>, cancel: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+    async fn supervise(self: Arc<Self>, leases: mpsc::Sender<v1::Lease>, stop: CancellationToken) {
+        let mut backoff = BACKOFF_MIN;
         loop {
-            match self.connect_once(&leases, &cancel).await {
-                Ok(()) if cancel.is_cancelled() => return,
-                Ok(()) => tracing::warn!("scheduler stream closed; reconnecting"),
-                Err(e) => tracing::warn!("scheduler at {}: {e}; retrying in {backoff:?}", self.reg.scheduler),
-            }
+            let result = self.connect_once(&leases, &stop, &mut backoff).await;
             *self.out.lock().expect("poisoned") = None;
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = cancel.cancelled() => return,
+            match result {
+                Ok(()) if stop.is_cancelled() => return,
+                Ok(()) => tracing::warn!("scheduler stream closed; reconnecting"),
+                Err(e) => tracing::warn!("scheduler at {}: {e}; retrying in about {backoff:?}", self.reg.scheduler),
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            // Jitter spreads a fleet's reconnects after a scheduler restart.
+            let jitter = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
+            tokio::select! {
+                _ = tokio::time::sleep(jitter) => {}
+                _ = stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
-    /// One stream's life: register, grant credits, heartbeat, forward leases.
-    async fn connect_once(&self, leases: &mpsc::Sender<v1::Lease>, cancel: &CancellationToken) -> anyhow::Result<()> {
+    /// One stream's life: register (re-attaching held leases), grant credits, resend pending
+    /// reports, heartbeat, forward leases. Resets `backoff` once registered.
+    async fn connect_once(
+        &self,
+        leases: &mpsc::Sender<v1::Lease>,
+        stop: &CancellationToken,
+        backoff: &mut Duration,
+    ) -> anyhow::Result<()> {
         let channel = tonic::transport::Endpoint::from_shared(self.reg.scheduler.clone())?
             .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(5))
             .connect()
             .await?;
         let mut client = SchedulerClient::new(channel);
@@ -163,46 +235,66 @@ impl LeaseClient {
             prover_endpoint: r.prover_endpoint.clone(),
             protocol_versions: r.protocol_versions.clone(),
             name: r.name.clone(),
+            held_leases: self.held(),
         })))?;
         let mut inbound = client.work(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await?.into_inner();
         let first = inbound.message().await?.and_then(|m| m.msg);
         let Some(scheduler_message::Msg::Registered(registered)) = first else {
             anyhow::bail!("the scheduler did not answer Register with Registered");
         };
+        *backoff = BACKOFF_MIN;
         *self.worker_id.lock().expect("poisoned") = registered.worker_id.clone();
         tracing::info!(worker = registered.worker_id, "registered with the scheduler");
-        if self.takes_leases() {
+        if self.draining.load(Ordering::SeqCst) {
+            tx.send(msg(worker_message::Msg::Drain(v1::Drain {})))?;
+        } else if self.takes_leases() {
             let free = self.reg.capacity.saturating_sub(self.in_flight.load(Ordering::SeqCst));
             tx.send(msg(worker_message::Msg::Credit(v1::Credit { n: free })))?;
         }
+        for report in self.pending.lock().expect("poisoned").values() {
+            tx.send(report.clone())?;
+        }
         *self.out.lock().expect("poisoned") = Some(tx.clone());
-        self.connected.notify_waiters();
 
         let beat = Duration::from_millis(registered.heartbeat_interval_ms.max(100).into());
         let mut ticker = tokio::time::interval(beat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
+                _ = stop.cancelled() => return Ok(()),
                 _ = ticker.tick() => {
-                    let _ = tx.send(msg(worker_message::Msg::Heartbeat(v1::Heartbeat {})));
+                    let _ = tx.send(msg(worker_message::Msg::Heartbeat(v1::Heartbeat { lease_ids: self.held() })));
                 }
                 m = inbound.message() => match m?.and_then(|m| m.msg) {
                     None => return Ok(()),
                     Some(scheduler_message::Msg::Lease(lease)) => {
                         self.in_flight.fetch_add(1, Ordering::SeqCst);
-                        if leases.send(lease).await.is_err() {
-                            return Ok(());
+                        self.held.lock().expect("poisoned").insert(lease.lease_id.clone());
+                        if let Err(refused) = leases.send(lease).await {
+                            // The runner stopped taking leases (drain): give it back untouched.
+                            let lease = refused.0.lease_id;
+                            self.failed(&lease, "worker draining: not started", true, true);
+                            self.release(&lease);
                         }
                     }
+                    Some(scheduler_message::Msg::Recorded(r)) => self.answered(&r.lease_id),
                     Some(scheduler_message::Msg::Refused(r)) => {
                         tracing::warn!(lease = r.lease_id, "scheduler refused a report: {}", r.reason);
+                        self.answered(&r.lease_id);
                     }
                     Some(scheduler_message::Msg::Revoke(r)) => {
+                        // Stop renewing it; a result still reported is accepted only if it is the first.
                         tracing::warn!(lease = r.lease_id, "lease revoked: {}", r.reason);
+                        self.unhold(&r.lease_id);
                     }
                     Some(scheduler_message::Msg::Registered(_)) => {}
                 },
             }
         }
+    }
+
+    fn answered(&self, lease: &str) {
+        self.pending.lock().expect("poisoned").remove(lease);
+        self.changed.notify_waiters();
     }
 }

@@ -1,5 +1,6 @@
 //! `proofmesh-worker --role witness-generator|wvg|prover`: registers with the scheduler and works
-//! leases until SIGINT/SIGTERM.
+//! leases until SIGINT/SIGTERM, then drains: takes nothing new, finishes what it holds within
+//! `--drain-grace-secs`, hands back the rest, and exits 0.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -65,6 +66,9 @@ struct Args {
     /// Provers: the URL others reach it at; default `http://<listen address>`.
     #[arg(long, env = "PROOFMESH_ADVERTISE")]
     advertise: Option<String>,
+    /// On SIGTERM, how long the jobs held may run before they are handed back, seconds.
+    #[arg(long, env = "PROOFMESH_DRAIN_GRACE_SECS", default_value_t = 60.0)]
+    drain_grace_secs: f64,
 }
 
 #[tokio::main]
@@ -72,8 +76,11 @@ async fn main() -> anyhow::Result<()> {
     proofmesh_core::telemetry::init_logs("info");
     let args = Args::parse();
     anyhow::ensure!(args.capacity >= 1, "--capacity must be at least 1");
-    let cancel = CancellationToken::new();
-    proofmesh_core::shutdown::cancel_on_signal(cancel.clone());
+    // SIGTERM starts the drain; the lease client's stream stays up until the drain is over.
+    let drain = CancellationToken::new();
+    proofmesh_core::shutdown::cancel_on_signal(drain.clone());
+    let stop = CancellationToken::new();
+    let grace = std::time::Duration::from_secs_f64(args.drain_grace_secs.max(0.0));
 
     let artifacts: Arc<dyn ArtifactStore> = Arc::new(LocalStore::new(&args.data_dir));
     let setups = Arc::new(Setups::new(&args.setup_dir));
@@ -99,13 +106,13 @@ async fn main() -> anyhow::Result<()> {
         let addr = listener.local_addr()?;
         reg.prover_endpoint = args.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
         tracing::info!("prover serving on {addr}, advertised as {}", reg.prover_endpoint);
-        let (client, _no_leases) = LeaseClient::start(reg, cancel.clone());
+        let (client, _no_leases) = LeaseClient::start(reg, stop.clone());
         let service = ProverService {
             slots: Arc::new(Semaphore::new(args.capacity as usize)),
             artifacts,
             setups,
-            client,
-            cancel: cancel.clone(),
+            client: client.clone(),
+            draining: drain.clone(),
         };
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -114,7 +121,12 @@ async fn main() -> anyhow::Result<()> {
             .add_service(v1::prover_server::ProverServer::new(service).max_decoding_message_size(8 << 20));
         let router = proofmesh_proto::reflection_and_health(router)?;
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        router.serve_with_incoming_shutdown(incoming, cancel.cancelled_owned()).await?;
+        let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()));
+        drain.cancelled().await;
+        client.drain();
+        runner::drain(&client, grace).await;
+        stop.cancel();
+        server.await??;
         return Ok(());
     }
 
@@ -122,7 +134,8 @@ async fn main() -> anyhow::Result<()> {
         Role::WitnessGenerator => Arc::new(wg::WitnessGenerator { artifacts }),
         _ => Arc::new(wvg::WitnessVectorGenerator { artifacts, setups, channels: Mutex::new(HashMap::new()) }),
     };
-    let (client, leases) = LeaseClient::start(reg, cancel.clone());
-    runner::run(client, leases, stage, cancel).await;
+    let (client, leases) = LeaseClient::start(reg, stop.clone());
+    runner::run(client, leases, stage, drain, grace).await;
+    stop.cancel();
     Ok(())
 }

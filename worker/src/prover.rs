@@ -1,6 +1,8 @@
 //! The prover role: serves `Prover.PushWitnessVector`. A push takes one of its slots (else
-//! `RESOURCE_EXHAUSTED`), is received whole and checked, acknowledged, then proven; the proof is
-//! saved under the job's key and the completion reported on the prover's own `Work` stream.
+//! `RESOURCE_EXHAUSTED`; `UNAVAILABLE` while draining), is received whole and checked, and the
+//! prover takes the lease over (it heartbeats it from then on, so the WVG may go away) before it
+//! acknowledges; then it proves, saves the proof under the job's key and reports the completion
+//! on its own `Work` stream.
 
 use std::sync::Arc;
 
@@ -27,8 +29,8 @@ pub struct ProverService {
     pub setups: Arc<Setups>,
     /// The prover's own stream to the scheduler, for completions.
     pub client: Arc<LeaseClient>,
-    /// Shutdown.
-    pub cancel: CancellationToken,
+    /// Set on SIGTERM: refuse new witness vectors.
+    pub draining: CancellationToken,
 }
 
 #[tonic::async_trait]
@@ -37,23 +39,28 @@ impl v1::prover_server::Prover for ProverService {
         &self,
         request: Request<Streaming<v1::WitnessVectorChunk>>,
     ) -> Result<Response<v1::PushReceipt>, Status> {
+        if self.draining.is_cancelled() {
+            return Err(Status::unavailable("prover draining"));
+        }
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| Status::resource_exhausted("no free proving slot"))?;
         let (header, wv) = receive(request.into_inner()).await?;
         let received = wv.len() as u64;
+        let lease = header.lease_id.clone();
+        self.client.hold(&lease);
         let this = self.clone();
         tokio::spawn(async move {
-            let lease = header.lease_id.clone();
             let result = this.prove_and_save(header, wv).await;
             // Free the slot before reporting: the scheduler may hand it to the next WVG lease as
             // soon as it reads the report.
             drop(permit);
             match result {
-                Ok(c) => this.client.completed(c, &this.cancel).await,
+                Ok(c) => this.client.completed(c),
                 Err(e) => {
                     tracing::warn!(lease, "proving failed: {e}");
-                    this.client.failed(&lease, &e.message, e.retryable, &this.cancel).await;
+                    this.client.failed(&lease, &e.message, e.retryable, false);
                 }
             }
+            this.client.unhold(&lease);
         });
         Ok(Response::new(v1::PushReceipt { received_bytes: received }))
     }

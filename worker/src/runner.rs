@@ -2,8 +2,13 @@
 //! client, hands each to the role's [`Stage`] on its own task, reports the outcome and frees the
 //! slot (one more credit). A stage only reads its inputs, computes (on a blocking thread) and
 //! saves; it never talks to the scheduler.
+//!
+//! Drain (SIGTERM): [`run`] stops taking leases, lets the running ones finish for up to a grace
+//! period, hands back the rest (`Failed { handed_back }`: requeued, no attempt counted) and
+//! returns once the scheduler has answered every report.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use proofmesh_proto::v1;
 use tokio::sync::mpsc;
@@ -49,14 +54,25 @@ pub trait Stage: Send + Sync + 'static {
     async fn handle(&self, lease: &v1::Lease) -> Result<Outcome, JobError>;
 }
 
-/// Runs `stage` on every lease until `cancel`.
-pub async fn run(client: Arc<LeaseClient>, mut leases: mpsc::Receiver<v1::Lease>, stage: Arc<dyn Stage>, cancel: CancellationToken) {
+/// How long a drained worker waits for the scheduler to answer its last reports.
+pub const REPORT_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs `stage` on every lease until `drain`, then drains: running jobs get `grace` to finish,
+/// the rest are handed back. Returns when the scheduler has answered every report (or after
+/// [`REPORT_GRACE`] more).
+pub async fn run(
+    client: Arc<LeaseClient>,
+    mut leases: mpsc::Receiver<v1::Lease>,
+    stage: Arc<dyn Stage>,
+    drain: CancellationToken,
+    grace: Duration,
+) {
     loop {
         let lease = tokio::select! {
-            l = leases.recv() => match l { Some(l) => l, None => return },
-            _ = cancel.cancelled() => return,
+            l = leases.recv() => match l { Some(l) => l, None => break },
+            _ = drain.cancelled() => break,
         };
-        let (client, stage, cancel) = (client.clone(), stage.clone(), cancel.clone());
+        let (client, stage) = (client.clone(), stage.clone());
         tokio::spawn(async move {
             let job = lease.job.unwrap_or_default();
             let span = format!(
@@ -67,16 +83,43 @@ pub async fn run(client: Arc<LeaseClient>, mut leases: mpsc::Receiver<v1::Lease>
                 Ok(Outcome::Completed(mut c)) => {
                     tracing::info!(lease = lease.lease_id, "{span}: done in {:.2} CPU s", c.compute_secs);
                     c.lease_id = lease.lease_id.clone();
-                    client.completed(c, &cancel).await;
+                    client.completed(c);
                 }
                 Ok(Outcome::HandedOff) => tracing::debug!(lease = lease.lease_id, "{span}: handed off"),
                 Err(e) => {
                     tracing::warn!(lease = lease.lease_id, retryable = e.retryable, "{span}: {e}");
-                    client.failed(&lease.lease_id, &e.message, e.retryable, &cancel).await;
+                    client.failed(&lease.lease_id, &e.message, e.retryable, false);
                 }
             }
-            client.release();
+            client.release(&lease.lease_id);
         });
+    }
+    client.drain();
+    // Leases pushed before the scheduler read `Drain`: give them back untouched (the lease client
+    // gives back those that arrive after this).
+    leases.close();
+    while let Some(lease) = leases.recv().await {
+        client.failed(&lease.lease_id, "worker draining: not started", true, true);
+        client.release(&lease.lease_id);
+    }
+    self::drain(&client, grace).await;
+}
+
+/// The end of a drain, for every role: waits up to `grace` for the jobs held to finish, hands
+/// back the rest and waits for the scheduler to answer every report. Call after
+/// [`LeaseClient::drain`].
+pub async fn drain(client: &LeaseClient, grace: Duration) {
+    let held = client.held().len();
+    tracing::info!(held, "draining: finishing the jobs held for up to {grace:?}");
+    if !client.settled(grace).await {
+        for lease in client.held() {
+            tracing::warn!(lease, "draining: handing back an unfinished job");
+            client.failed(&lease, "worker drained before the job finished", true, true);
+            client.unhold(&lease);
+        }
+    }
+    if !client.settled(REPORT_GRACE).await {
+        tracing::warn!("draining: the scheduler did not answer every report; the leases left expire there");
     }
 }
 

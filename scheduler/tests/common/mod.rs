@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use proofmesh_core::{Geometry, LocalStore};
 use proofmesh_proto::v1::{self, scheduler_client::SchedulerClient, scheduler_message, worker_message};
-use proofmesh_scheduler::{Settings, Shared, ZonePolicy};
+use proofmesh_scheduler::{MaxAttempts, Settings, Shared, ZonePolicy};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::sync::mpsc;
@@ -46,11 +46,32 @@ impl Drop for TestScheduler {
 }
 
 pub async fn start_scheduler(geometry: Geometry, zone_policy: ZonePolicy) -> TestScheduler {
+    start_scheduler_with(Settings { geometry, zone_policy, ..settings() }).await
+}
+
+/// The tests' default settings: small geometry, 60 s leases, 1 s heartbeats.
+pub fn settings() -> Settings {
+    Settings {
+        geometry: Geometry::small(),
+        lease_secs: 60.0,
+        reconnect_grace_secs: 10.0,
+        max_attempts: MaxAttempts::uniform(3),
+        zone_policy: ZonePolicy::SameZoneOnly,
+        heartbeat_ms: 1000,
+    }
+}
+
+/// A scheduler with `settings` on a fresh database.
+pub async fn start_scheduler_with(settings: Settings) -> TestScheduler {
     let (pool, _) = fresh_database().await;
-    let data = tempfile::tempdir().unwrap();
-    let settings = Settings { geometry, lease_secs: 60.0, max_attempts: 3, zone_policy, heartbeat_ms: 1000 };
-    let shared = Shared::new(pool, settings, Arc::new(LocalStore::new(data.path())));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_on(pool, settings, listener)
+}
+
+/// A scheduler over `pool` (a restart: the job state is whatever the database holds) on `listener`.
+pub fn serve_on(pool: PgPool, settings: Settings, listener: tokio::net::TcpListener) -> TestScheduler {
+    let data = tempfile::tempdir().unwrap();
+    let shared = Shared::new(pool, settings, Arc::new(LocalStore::new(data.path())));
     let url = format!("http://{}", listener.local_addr().unwrap());
     let cancel = CancellationToken::new();
     tokio::spawn(proofmesh_scheduler::serve(shared.clone(), listener, cancel.clone()));
@@ -91,16 +112,41 @@ impl RawWorker {
     }
 
     pub fn fail(&self, lease_id: &str, retryable: bool) {
-        let f = v1::Failed { lease_id: lease_id.into(), error: "test failure".into(), retryable };
+        let f = v1::Failed { lease_id: lease_id.into(), error: "test failure".into(), retryable, handed_back: false };
         self.tx.send(msg(worker_message::Msg::Failed(f))).unwrap();
     }
 
     /// The next message within `wait`, or `None`.
-    pub async fn next(&mut self, wait: Duration) -> Option<scheduler_message::Msg> {
+    pub async fn next_any(&mut self, wait: Duration) -> Option<scheduler_message::Msg> {
         match tokio::time::timeout(wait, self.inbound.message()).await {
             Ok(m) => m.unwrap().and_then(|m| m.msg),
             Err(_) => None,
         }
+    }
+
+    /// The next message other than `Recorded` within `wait`, or `None`.
+    pub async fn next(&mut self, wait: Duration) -> Option<scheduler_message::Msg> {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            match self.next_any(until.saturating_duration_since(tokio::time::Instant::now())).await {
+                Some(scheduler_message::Msg::Recorded(_)) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Expects `Recorded` for `lease` next.
+    pub async fn expect_recorded(&mut self, lease: &str) {
+        match self.next_any(Duration::from_secs(5)).await {
+            Some(scheduler_message::Msg::Recorded(r)) => assert_eq!(r.lease_id, lease),
+            other => panic!("expected Recorded for {lease}, got {other:?}"),
+        }
+    }
+
+    /// Heartbeats `leases`.
+    pub fn heartbeat(&self, leases: &[&str]) {
+        let lease_ids = leases.iter().map(|l| l.to_string()).collect();
+        self.tx.send(msg(worker_message::Msg::Heartbeat(v1::Heartbeat { lease_ids }))).unwrap();
     }
 
     /// The next message, which must be a lease.
@@ -122,6 +168,7 @@ pub fn register(role: v1::Role, zone: &str, host: &str, capacity: u32, endpoint:
         prover_endpoint: endpoint.into(),
         protocol_versions: vec![],
         name: String::new(),
+        held_leases: vec![],
     }
 }
 

@@ -1,0 +1,62 @@
+//! The lease-expiry timer: one task that sleeps until the earliest lease deadline (or until a
+//! deadline may have moved earlier: a lease granted, a worker's stream ended) and then ends every
+//! lease past its deadline. A job whose lease expired is queued again with one more attempt, or
+//! fails with its batch past `max_attempts` (DESIGN.md section 4). Deadlines live in PostgreSQL,
+//! so a restarted scheduler expires what its predecessor leased.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::db::{self, DbError, EndReason};
+use crate::state::Shared;
+
+/// Longest sleep with no lease outstanding; a granted lease wakes the timer anyway.
+const IDLE: Duration = Duration::from_secs(3600);
+
+/// Runs until `cancel`.
+pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
+    loop {
+        // Registered before reading the deadline, so a lease granted meanwhile is not missed.
+        let moved = shared.deadlines.notified();
+        let wait = match expire_due(&shared).await.and(db::next_deadline_secs(&shared.pool).await) {
+            Ok(Some(secs)) => Duration::from_secs_f64(secs.max(0.0)) + Duration::from_millis(5),
+            Ok(None) => IDLE,
+            Err(e) => {
+                tracing::error!("lease expiry: {e}");
+                Duration::from_secs(1)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = moved => {}
+            _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// Ends every lease past its deadline; revokes it on the stream that still holds it (a hung worker).
+async fn expire_due(shared: &Shared) -> Result<(), DbError> {
+    let due = db::due_leases(&shared.pool).await?;
+    if due.is_empty() {
+        return Ok(());
+    }
+    let reason = format!("lease expired: no heartbeat for {:.0} s", shared.settings.lease_secs);
+    for lease in due {
+        let ended = match db::end_lease(&shared.pool, lease, &reason, true, EndReason::Expired).await {
+            Ok(Some(ended)) => ended,
+            // Renewed or finished since it was read.
+            Ok(None) | Err(DbError::StaleLease(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        tracing::warn!(%lease, holder = ended.holder.as_deref().unwrap_or(""), job_failed = ended.job_failed, "{reason}");
+        shared.registry().free_slot(lease);
+        if let Some(holder) = &ended.holder {
+            shared.revoke(holder, lease, &reason);
+        }
+        shared.batch_changed(ended.batch_number);
+    }
+    shared.wake_dispatcher();
+    Ok(())
+}

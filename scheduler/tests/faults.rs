@@ -1,0 +1,310 @@
+//! Faults against a real PostgreSQL over real gRPC: leases that expire, late results, attempts
+//! running out, a scheduler restart under a working worker, a drain, and heartbeats that proving
+//! on every core cannot delay.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use proofmesh_core::{AggregationRound, BatchNumber, CircuitId, Geometry, ProtocolVersion};
+use proofmesh_proto::v1::{self, scheduler_message::Msg, Role};
+use proofmesh_scheduler::{MaxAttempts, Settings};
+use proofmesh_worker::lease::{LeaseClient, Registration};
+use proofmesh_worker::runner::{self, execute, JobError, Outcome, Stage};
+use tokio_util::sync::CancellationToken;
+
+/// `(outcome, count)` of the lease history of batch `n`'s round-0 witness generation.
+async fn round0_leases(pool: &sqlx::PgPool, n: i64) -> Vec<(Option<String>, i64)> {
+    sqlx::query_as(
+        "SELECT l.outcome, count(*) FROM leases l JOIN jobs j ON j.id = l.job_id
+         WHERE j.batch_number = $1 AND j.kind = 'witness_generation' AND j.aggregation_round = 0
+         GROUP BY l.outcome ORDER BY l.outcome",
+    )
+    .bind(n)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+async fn round0_attempts(pool: &sqlx::PgPool, n: i64) -> (String, i32) {
+    sqlx::query_as("SELECT status, attempts FROM jobs WHERE batch_number = $1 AND kind = 'witness_generation' AND aggregation_round = 0")
+        .bind(n)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_valid_result_is_accepted_once_and_the_newer_lease_revoked() {
+    let s = start_scheduler_with(Settings { lease_secs: 0.5, heartbeat_ms: 100, ..settings() }).await;
+    let mut slow = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h1", 1, "")).await;
+    slow.credit(1);
+    submit(&s.url, 1).await;
+    let first = slow.lease().await;
+    // No heartbeat: the lease expires and the job goes to the next worker.
+    let mut fast = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h2", 1, "")).await;
+    fast.credit(1);
+    let second = fast.lease().await;
+    assert_eq!(second.job, first.job);
+    match slow.next(Duration::from_secs(5)).await {
+        Some(Msg::Revoke(r)) => assert_eq!(r.lease_id, first.lease_id, "the hung worker is told its lease expired"),
+        other => panic!("expected Revoke, got {other:?}"),
+    }
+    // A stale heartbeat renews nothing and is answered with Revoke.
+    slow.heartbeat(&[&first.lease_id]);
+    match slow.next(Duration::from_secs(5)).await {
+        Some(Msg::Revoke(r)) => assert_eq!(r.lease_id, first.lease_id),
+        other => panic!("expected Revoke, got {other:?}"),
+    }
+
+    // The first worker's result arrives late, before the second's: it is valid and it is first.
+    slow.complete(&first.lease_id, &[(1, 1), (2, 1), (3, 1)]);
+    slow.expect_recorded(&first.lease_id).await;
+    match fast.next(Duration::from_secs(5)).await {
+        Some(Msg::Revoke(r)) => assert_eq!(r.lease_id, second.lease_id),
+        other => panic!("expected Revoke of the newer lease, got {other:?}"),
+    }
+    // The second result is refused: never two successes.
+    fast.complete(&second.lease_id, &[(1, 1), (2, 1), (3, 1)]);
+    match fast.next(Duration::from_secs(5)).await {
+        Some(Msg::Refused(r)) => assert_eq!(r.lease_id, second.lease_id),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    let history = round0_leases(&s.shared.pool, 1).await;
+    assert_eq!(history, vec![(Some("succeeded".into()), 1), (Some("superseded".into()), 1)]);
+    assert_eq!(round0_attempts(&s.shared.pool, 1).await, ("succeeded".into(), 2));
+    // The graph was inserted once: 3 basic proving jobs.
+    assert_eq!(get_batch(&s.url, 1).await.rounds[0].total, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_fails_after_max_attempts_with_its_last_error_visible() {
+    let s = start_scheduler_with(Settings { lease_secs: 0.5, heartbeat_ms: 100, max_attempts: MaxAttempts::uniform(2), ..settings() }).await;
+    let mut wg = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h1", 1, "")).await;
+    wg.credit(1);
+    submit(&s.url, 2).await;
+    // Attempt 1: a retryable failure.
+    let l1 = wg.lease().await;
+    wg.fail(&l1.lease_id, true);
+    wg.expect_recorded(&l1.lease_id).await;
+    wg.credit(1);
+    // Attempt 2: the lease expires (the worker hangs).
+    let l2 = wg.lease().await;
+    assert_eq!(l2.job, l1.job);
+    match wg.next(Duration::from_secs(5)).await {
+        Some(Msg::Revoke(r)) => assert_eq!(r.lease_id, l2.lease_id),
+        other => panic!("expected Revoke, got {other:?}"),
+    }
+    let batch = get_batch(&s.url, 2).await;
+    assert_eq!(batch.state, v1::BatchState::Failed as i32);
+    assert!(
+        batch.error.contains("failed after 2 attempt(s)") && batch.error.contains("lease expired"),
+        "the batch's error names the attempts and the last error: {}",
+        batch.error
+    );
+    assert_eq!(round0_attempts(&s.shared.pool, 2).await, ("failed".into(), 2));
+    // Nothing more is leased for it.
+    wg.credit(1);
+    assert!(wg.next(Duration::from_millis(500)).await.is_none());
+}
+
+/// A stage that sleeps (a stand-in for nothing: only its lease matters) until told to finish.
+struct Gate(Arc<tokio::sync::Notify>);
+
+#[async_trait::async_trait]
+impl Stage for Gate {
+    async fn handle(&self, _lease: &v1::Lease) -> Result<Outcome, JobError> {
+        self.0.notified().await;
+        Ok(Outcome::Completed(v1::Completed {
+            lease_id: String::new(),
+            circuits: [(1, 1), (2, 1), (3, 1)].map(|(circuit_id, count)| v1::CircuitCount { circuit_id, count }).to_vec(),
+            compute_secs: 0.0,
+            output_bytes: 0,
+        }))
+    }
+}
+
+fn registration(url: &str, capacity: u32) -> Registration {
+    Registration {
+        scheduler: url.into(),
+        role: Role::WitnessGenerator,
+        name: "w".into(),
+        zone: "a".into(),
+        region: "r".into(),
+        host: "h".into(),
+        capacity,
+        prover_endpoint: String::new(),
+        protocol_versions: vec![],
+    }
+}
+
+async fn wait_for<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while !f().await {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn round0_status(pool: &sqlx::PgPool, n: i64) -> String {
+    round0_attempts(pool, n).await.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_keeps_its_lease_across_a_scheduler_restart() {
+    let (pool, _) = fresh_database().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let s = serve_on(pool.clone(), Settings { lease_secs: 5.0, heartbeat_ms: 200, ..settings() }, listener);
+    let stop = CancellationToken::new();
+    let (client, leases) = LeaseClient::start(registration(&s.url, 1), stop.clone());
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let drain = CancellationToken::new();
+    let runner = tokio::spawn(runner::run(client.clone(), leases, Arc::new(Gate(gate.clone())), drain.clone(), Duration::from_secs(5)));
+    submit(&s.url, 3).await;
+    wait_for("the lease", || async { round0_status(&pool, 3).await == "leased" }).await;
+
+    // The scheduler goes away mid-job and a new one starts on the same address and database.
+    s.cancel.cancel();
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let s2 = serve_on(pool.clone(), Settings { lease_secs: 5.0, heartbeat_ms: 200, ..settings() }, listener);
+    // The worker reconnects and re-attaches its lease; the job finishes with its first attempt.
+    wait_for("the re-attach", || async {
+        let to: Option<String> = sqlx::query_scalar("SELECT leased_to FROM jobs WHERE batch_number = 3 AND status = 'leased'")
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .flatten();
+        to.is_some_and(|w| w == client.worker_id())
+    })
+    .await;
+    gate.notify_one();
+    wait_for("the completion", || async { round0_status(&pool, 3).await == "succeeded" }).await;
+    assert_eq!(round0_attempts(&pool, 3).await.1, 1);
+    assert_eq!(round0_leases(&pool, 3).await, vec![(Some("succeeded".into()), 1)]);
+    drain.cancel();
+    runner.await.unwrap();
+    stop.cancel();
+    drop(s2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_worker_hands_back_what_it_cannot_finish_without_spending_an_attempt() {
+    let s = start_scheduler_with(Settings { heartbeat_ms: 200, ..settings() }).await;
+    let stop = CancellationToken::new();
+    let (client, leases) = LeaseClient::start(registration(&s.url, 1), stop.clone());
+    let drain = CancellationToken::new();
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let runner = tokio::spawn(runner::run(client.clone(), leases, Arc::new(Gate(gate)), drain.clone(), Duration::from_millis(300)));
+    submit(&s.url, 4).await;
+    let pool = s.shared.pool.clone();
+    wait_for("the lease", || async { round0_status(&pool, 4).await == "leased" }).await;
+    drain.cancel();
+    tokio::time::timeout(Duration::from_secs(15), runner).await.expect("the drain ends within its grace").unwrap();
+    assert_eq!(round0_attempts(&pool, 4).await, ("queued".into(), 0), "handed back: queued again, no attempt spent");
+    stop.cancel();
+}
+
+/// Proves a real basic circuit's witness vector again and again for `secs` on a blocking thread.
+struct Prove {
+    setups: Arc<proofmesh_worker::setups::Setups>,
+    store: Arc<proofmesh_circuits::setup::SetupStore>,
+    key: proofmesh_circuits::setup::CircuitKey,
+    wv: Arc<Vec<u8>>,
+    secs: f64,
+}
+
+#[async_trait::async_trait]
+impl Stage for Prove {
+    async fn handle(&self, _lease: &v1::Lease) -> Result<Outcome, JobError> {
+        let (setups, store, key, wv, secs) = (self.setups.clone(), self.store.clone(), self.key, self.wv.clone(), self.secs);
+        let (proofs, cpu) = execute(move || {
+            let start = Instant::now();
+            let mut proofs = 0;
+            while start.elapsed().as_secs_f64() < secs {
+                proofmesh_worker::execute::prove(&setups, &store, key, &wv)?;
+                proofs += 1;
+            }
+            Ok(proofs)
+        })
+        .await?;
+        tracing::info!("{proofs} proofs in {cpu:.1} CPU s");
+        Ok(Outcome::Completed(v1::Completed {
+            lease_id: String::new(),
+            circuits: [(1, 1), (2, 1), (3, 1)].map(|(circuit_id, count)| v1::CircuitCount { circuit_id, count }).to_vec(),
+            compute_secs: cpu,
+            output_bytes: 0,
+        }))
+    }
+}
+
+/// Both cores prove for ~8 s under leases of 1 s renewed every 200 ms: a heartbeat late by a
+/// second would expire a lease (the job would show a second attempt and a Revoke).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_keep_leases_alive_while_every_core_is_proving() {
+    // A real witness vector of a basic circuit of sample batch 1 at the small geometry.
+    let batch = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../samples/batch_000001.bin")).unwrap();
+    let job = proofmesh_worker::execute::WgJob {
+        batch: BatchNumber(1),
+        version: ProtocolVersion::CURRENT,
+        geometry: Geometry::small(),
+        round: AggregationRound::BasicCircuits,
+        circuit_id: CircuitId(0),
+        depth: 0,
+    };
+    let circuits = proofmesh_worker::execute::witness_generation(job, vec![batch], &[]).unwrap();
+    let (input_key, input) = circuits.inputs.first().unwrap().clone();
+    let setups = Arc::new(proofmesh_worker::setups::Setups::new(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("setup-cache")));
+    let store = setups.store(ProtocolVersion::CURRENT, Geometry::small()).unwrap();
+    let basic = proofmesh_circuits::basic::BasicCircuit::ALL
+        .into_iter()
+        .find(|t| input_key.contains(&format!("r0-c{}-", t.id().0)))
+        .unwrap();
+    let key = proofmesh_circuits::setup::CircuitKey::Basic(basic);
+    let wv = proofmesh_worker::execute::synthesize(&setups, &store, key, &input).unwrap();
+
+    let s = start_scheduler_with(Settings { lease_secs: 1.0, heartbeat_ms: 200, ..settings() }).await;
+    let stop = CancellationToken::new();
+    let (client, leases) = LeaseClient::start(registration(&s.url, 2), stop.clone());
+    let stage = Prove { setups, store, key, wv: Arc::new(wv), secs: 8.0 };
+    let drain = CancellationToken::new();
+    let runner = tokio::spawn(runner::run(client, leases, Arc::new(stage), drain.clone(), Duration::from_secs(30)));
+    submit(&s.url, 5).await;
+    submit(&s.url, 6).await;
+    let pool = s.shared.pool.clone();
+    // Watch the renewals as the scheduler records them.
+    let mut last_seen_gap = Duration::ZERO;
+    let mut previous: Option<(f64, Instant)> = None;
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE batch_number IN (5, 6) AND aggregation_round = 0 AND kind = 'witness_generation' AND status = 'succeeded'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if done == 2 {
+            break;
+        }
+        assert!(Instant::now() < until, "the proving jobs did not finish");
+        let seen: Option<f64> = sqlx::query_scalar("SELECT max(extract(epoch FROM last_seen))::float8 FROM workers").fetch_one(&pool).await.unwrap();
+        if let Some(seen) = seen {
+            match previous {
+                Some((p, at)) if seen == p => last_seen_gap = last_seen_gap.max(at.elapsed()),
+                _ => previous = Some((seen, Instant::now())),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("longest gap between recorded heartbeats while proving: {last_seen_gap:?} (interval 200 ms, lease 1 s)");
+    for n in [5, 6] {
+        assert_eq!(round0_attempts(&pool, n).await, ("succeeded".into(), 1), "batch {n}: the lease never expired");
+        assert_eq!(round0_leases(&pool, n).await, vec![(Some("succeeded".into()), 1)]);
+    }
+    assert!(last_seen_gap < Duration::from_millis(1000), "a heartbeat came {last_seen_gap:?} late");
+    drain.cancel();
+    runner.await.unwrap();
+    stop.cancel();
+}
