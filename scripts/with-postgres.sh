@@ -29,6 +29,7 @@ DIR="$(mktemp -d /tmp/proofmesh-pg.XXXXXX)"
 as_owner() {
   if [[ "$(id -u)" -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
+as_owner_cmd() { if [[ "$(id -u)" -eq 0 ]]; then echo "runuser -u postgres --"; fi; }
 if [[ "$(id -u)" -eq 0 ]]; then chown postgres "$DIR"; fi
 chmod 700 "$DIR"
 
@@ -48,6 +49,9 @@ for _ in 1 2 3 4 5 6 7 8; do
        -o "-p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
        start >/dev/null; then
     export DATABASE_URL="postgres://postgres@127.0.0.1:$PORT/postgres"
+    # For scripts that restart the server (scripts/chaos.sh): `$WITH_POSTGRES_CTL restart`.
+    export WITH_POSTGRES_CTL="$(as_owner_cmd) $BIN/pg_ctl -D $DIR/data -l $DIR/server.log -w -t 60"
+    export WITH_POSTGRES_PSQL="$BIN/psql"
     echo "with-postgres: throwaway PostgreSQL at $DATABASE_URL" >&2
     set +e
     "$@"

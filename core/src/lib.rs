@@ -8,6 +8,7 @@
 //! store** ([`artifacts`]) holds what jobs hand each other; [`batch`] is the batch file format.
 
 pub mod artifacts;
+pub mod backoff;
 pub mod batch;
 mod geometry;
 pub mod shutdown;

@@ -7,9 +7,8 @@
 //!
 //! Modules: `inbox` (scanning, parsing, moving taken files), `watch` (store, submit, watch,
 //! write results), `outbox` (atomic result files), `summary` (the JSON and the `--once` table),
-//! `scheduler` (connection and retries), `progress` (bars), `backoff`; shutdown is `proofmesh_core::shutdown`.
+//! `scheduler` (connection and retries), `progress` (bars); shutdown is `proofmesh_core::shutdown`.
 
-mod backoff;
 mod inbox;
 mod outbox;
 mod progress;

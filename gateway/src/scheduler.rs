@@ -12,7 +12,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use crate::backoff::Backoff;
+use proofmesh_core::backoff::Backoff;
+
+/// The gateway's backoff for every call to the scheduler: 250 ms doubling up to 10 s, so a
+/// scheduler that comes back is noticed within 10 s.
+pub(crate) fn backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(250), Duration::from_secs(10))
+}
 
 /// Connects to the scheduler's `Batches` service at `url`, retrying with backoff and logging
 /// each wait. `Ok(None)` if `shutdown` was cancelled first. Errors: `url` is not a valid URI.
@@ -28,7 +34,7 @@ pub(crate) async fn connect(url: &str, shutdown: &CancellationToken) -> anyhow::
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true);
-    let mut backoff = Backoff::new();
+    let mut backoff = backoff();
     loop {
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
@@ -72,7 +78,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Status>>,
 {
-    let mut backoff = Backoff::new();
+    let mut backoff = backoff();
     loop {
         let result = tokio::select! {
             _ = shutdown.cancelled() => return Err(Stop::Shutdown),

@@ -12,7 +12,7 @@ use proofmesh_proto::v1::{BatchState, BatchStatus, GetProofRequest, SubmitBatchR
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::backoff::Backoff;
+use crate::scheduler::backoff;
 use crate::inbox::{BatchFile, Inbox, Incoming};
 use crate::outbox::Outbox;
 use crate::progress::{BatchBar, Progress};
@@ -109,7 +109,7 @@ async fn store_input(store: &dyn ArtifactStore, number: BatchNumber, bytes: Vec<
 /// Follows `WatchBatch` until the batch is proven or failed and returns that last status. A
 /// stream that breaks or ends early is opened again with backoff.
 async fn watch(gw: &Gateway, number: BatchNumber, bar: &BatchBar) -> Result<BatchStatus, Stop> {
-    let mut backoff = Backoff::new();
+    let mut backoff = backoff();
     loop {
         let mut stream = retrying(&gw.shutdown, number, "WatchBatch", || {
             let mut client = gw.client.clone();

@@ -296,18 +296,30 @@ pub async fn detach_worker(pool: &PgPool, worker: &str, grace_secs: f64) -> Resu
 }
 
 /// Renews `leases` for the connection `worker`: each current one gets the deadline now +
-/// `lease_secs` and is attached to `worker` (a reconnected worker re-attaches its leases this way,
-/// and a prover takes over the lease of a witness vector it accepted). Returns the leases that
-/// are not current (stale: expired and leased again, or finished), for the caller to revoke.
-pub async fn renew(pool: &PgPool, worker: &str, leases: &[Uuid], lease_secs: f64) -> Result<Vec<Uuid>, DbError> {
+/// `lease_secs`. It is also attached to `worker` when `take_over` (a prover taking over the
+/// lease of a witness vector it accepted) or when its holder is not among `connected` (a
+/// reconnected worker re-attaching its leases); a live holder otherwise keeps it, so a WVG's
+/// last heartbeat cannot take a lease back from the prover it handed it to. Returns the leases
+/// that are not current (stale: expired and leased again, or finished), for the caller to revoke.
+pub async fn renew(
+    pool: &PgPool,
+    worker: &str,
+    leases: &[Uuid],
+    lease_secs: f64,
+    take_over: bool,
+    connected: &[String],
+) -> Result<Vec<Uuid>, DbError> {
     let renewed: Vec<Uuid> = sqlx::query_scalar(
-        "UPDATE jobs SET lease_deadline = now() + make_interval(secs => $3), leased_to = $1
+        "UPDATE jobs SET lease_deadline = now() + make_interval(secs => $3),
+                         leased_to = CASE WHEN $4 OR leased_to IS NULL OR NOT (leased_to = ANY($5)) THEN $1 ELSE leased_to END
          WHERE lease_id = ANY($2) AND status = 'leased'
          RETURNING lease_id",
     )
     .bind(worker)
     .bind(leases)
     .bind(lease_secs)
+    .bind(take_over)
+    .bind(connected)
     .fetch_all(pool)
     .await?;
     sqlx::query("UPDATE workers SET last_seen = now() WHERE id = $1").bind(worker).execute(pool).await?;

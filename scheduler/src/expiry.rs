@@ -42,7 +42,10 @@ async fn expire_due(shared: &Shared) -> Result<(), DbError> {
     if due.is_empty() {
         return Ok(());
     }
-    let reason = format!("lease expired: no heartbeat for {:.0} s", shared.settings.lease_secs);
+    let reason = format!(
+        "lease expired: no heartbeat within {:.0} s, or its worker's stream ended and it did not reconnect within {:.0} s",
+        shared.settings.lease_secs, shared.settings.reconnect_grace_secs
+    );
     for lease in due {
         let ended = match db::end_lease(&shared.pool, lease, &reason, true, EndReason::Expired).await {
             Ok(Some(ended)) => ended,

@@ -84,6 +84,11 @@ impl Registry {
         self.workers.get_mut(id)
     }
 
+    /// Every connected worker's id.
+    pub fn ids(&self) -> Vec<String> {
+        self.workers.keys().cloned().collect()
+    }
+
     /// Workers that take leases (not provers) and have credits, by id.
     pub fn ready(&self) -> Vec<String> {
         let mut ids: Vec<String> = self

@@ -144,9 +144,14 @@ impl v1::scheduler_server::Scheduler for WorkService {
     }
 }
 
-/// Renews `leases` for connection `id` and revokes there those that are not current. Returns those.
+/// Renews `leases` for connection `id` (a prover takes them over) and revokes there those that
+/// are not current. Returns those.
 async fn renew(shared: &Shared, id: &str, leases: &[Uuid]) -> Result<Vec<Uuid>, DbError> {
-    let stale = db::renew(&shared.pool, id, leases, shared.settings.lease_secs).await?;
+    let (take_over, connected) = {
+        let registry = shared.registry();
+        (registry.get(id).is_some_and(|c| c.role == Role::Prover), registry.ids())
+    };
+    let stale = db::renew(&shared.pool, id, leases, shared.settings.lease_secs, take_over, &connected).await?;
     for lease in &stale {
         tracing::warn!(worker = id, %lease, "heartbeat for a lease that is not current: revoked");
         shared.revoke(id, *lease, "lease not current: it expired and the job was leased again, or it finished");

@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use proofmesh_core::backoff::Backoff;
 use proofmesh_proto::v1::{self, scheduler_client::SchedulerClient, scheduler_message, worker_message, Role};
-use rand::Rng;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -54,10 +54,10 @@ pub fn this_host() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// First reconnect delay; doubles per failed try up to [`BACKOFF_MAX`], with up to 50 % jitter.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-/// Longest reconnect delay.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Reconnect delays: 100 ms doubling up to 5 s, jittered.
+fn backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+}
 
 /// A connection to the scheduler that survives its restarts.
 #[derive(Debug)]
@@ -191,22 +191,18 @@ impl LeaseClient {
     }
 
     async fn supervise(self: Arc<Self>, leases: mpsc::Sender<v1::Lease>, stop: CancellationToken) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = backoff();
         loop {
             let result = self.connect_once(&leases, &stop, &mut backoff).await;
             *self.out.lock().expect("poisoned") = None;
             match result {
                 Ok(()) if stop.is_cancelled() => return,
                 Ok(()) => tracing::warn!("scheduler stream closed; reconnecting"),
-                Err(e) => tracing::warn!("scheduler at {}: {e}; retrying in about {backoff:?}", self.reg.scheduler),
+                Err(e) => tracing::warn!("scheduler at {}: {e}; retrying in about {:?}", self.reg.scheduler, backoff.delay()),
             }
-            // Jitter spreads a fleet's reconnects after a scheduler restart.
-            let jitter = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
-            tokio::select! {
-                _ = tokio::time::sleep(jitter) => {}
-                _ = stop.cancelled() => return,
+            if !backoff.wait(&stop).await {
+                return;
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
@@ -216,7 +212,7 @@ impl LeaseClient {
         &self,
         leases: &mpsc::Sender<v1::Lease>,
         stop: &CancellationToken,
-        backoff: &mut Duration,
+        backoff: &mut Backoff,
     ) -> anyhow::Result<()> {
         let channel = tonic::transport::Endpoint::from_shared(self.reg.scheduler.clone())?
             .tcp_nodelay(true)
@@ -242,7 +238,7 @@ impl LeaseClient {
         let Some(scheduler_message::Msg::Registered(registered)) = first else {
             anyhow::bail!("the scheduler did not answer Register with Registered");
         };
-        *backoff = BACKOFF_MIN;
+        backoff.reset();
         *self.worker_id.lock().expect("poisoned") = registered.worker_id.clone();
         tracing::info!(worker = registered.worker_id, "registered with the scheduler");
         if self.draining.load(Ordering::SeqCst) {
