@@ -8,12 +8,13 @@ SETUP_DIR ?= .setup-cache
 GEOMETRY ?= default
 BIN := target/debug/proofmesh-circuits
 
-.PHONY: help demo build test bench samples prove-samples clean-setup
+.PHONY: help demo chaos build test bench samples prove-samples clean-setup
 
 help:
 	@echo "make demo           the cluster on 127.0.0.1 proves and verifies every sample batch"
 	@echo "make build          build every crate"
-	@echo "make test           unit and integration tests (real proofs; ~3 min after the build)"
+	@echo "make chaos          the cluster proves batches while processes, the scheduler and PostgreSQL are killed"
+	@echo "make test           unit and integration tests (real proofs), then a short chaos run"
 	@echo "make bench          per-circuit figures and the largest sample proven end to end"
 	@echo "make samples        regenerate samples/ with gen-batch"
 	@echo "make prove-samples  prove and verify every sample batch (GEOMETRY=default|small)"
@@ -23,10 +24,16 @@ build:
 	$(CARGO) build --workspace --all-targets
 
 # The cluster test runs the workspace's binaries, so they are built first; the tests get a
-# throwaway PostgreSQL unless DATABASE_URL is set.
+# throwaway PostgreSQL unless DATABASE_URL is set. The short chaos run reuses the setup data the
+# tests built (small geometry) and always runs its own PostgreSQL (it restarts it).
 test:
 	$(CARGO) build --workspace --bins
 	scripts/with-postgres.sh $(CARGO) test --workspace
+	SETUP_DIR=target/tmp/setup-cache scripts/chaos.sh --short
+
+chaos:
+	$(CARGO) build --workspace --bins
+	SETUP_DIR=$(SETUP_DIR) scripts/chaos.sh
 
 demo:
 	$(CARGO) build --workspace --bins

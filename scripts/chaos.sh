@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make chaos`: the cluster of `make demo` proves sample batches while this script breaks it:
+# `make chaos`: the cluster of `make demo` proves batches while this script breaks it:
 #   kill -9 a WVG holding a lease (synthesizing or streaming), a prover mid-proof, a witness
 #   generator mid-job, the compressor mid-compression (each restarted at once, as Kubernetes
 #   would); kill -9 and restart the scheduler; restart PostgreSQL; SIGSTOP a prover past its
@@ -11,29 +11,30 @@
 #   chaos: batches=N verified=N lost=0 duplicated=0
 # and exits non-zero otherwise.
 #
-#   scripts/chaos.sh           sample batches 1 and 2, production lease settings (30 s leases,
-#                              5 s heartbeats, 10 s reconnect grace)
-#   scripts/chaos.sh --short   batch 1 only, 6 s leases, 0.5 s heartbeats, 2 s grace (make test)
+#   scripts/chaos.sh           three batches (4, 24 and 12 transactions, made by gen-batch to fit
+#                              the small geometry), production lease settings (30 s leases, 5 s
+#                              heartbeats, 10 s reconnect grace)
+#   scripts/chaos.sh --short   one batch of 4 transactions, 6 s leases, 0.5 s heartbeats, 2 s
+#                              grace, no SIGSTOP (the end of make test)
 #
 # Settings (environment): SETUP_DIR (.setup-cache), CHAOS_DIR (out/chaos), CHAOS_PORT (50251).
-# Needs the PostgreSQL of scripts/with-postgres.sh (it restarts it); starts one itself.
+# Runs its own PostgreSQL through scripts/with-postgres.sh (it restarts it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ -z "${WITH_POSTGRES_CTL:-}" ]]; then
-  if [[ -n "${DATABASE_URL:-}" ]]; then
-    echo "chaos: restarts PostgreSQL, so it runs its own (unset DATABASE_URL)" >&2
-    exit 2
-  fi
+  # It restarts PostgreSQL, so it always runs its own throwaway server.
+  [[ -z "${DATABASE_URL:-}" ]] || echo "chaos: ignoring DATABASE_URL: it runs (and restarts) its own PostgreSQL" >&2
+  unset DATABASE_URL
   exec scripts/with-postgres.sh "$0" "$@"
 fi
 
 SHORT=0
 [[ "${1:-}" == "--short" ]] && SHORT=1
 if [[ $SHORT -eq 1 ]]; then
-  LEASE=6; HEARTBEAT_MS=500; GRACE=2; BATCHES=(1)
+  LEASE=6; HEARTBEAT_MS=500; GRACE=2; TXS=(4)
 else
-  LEASE=30; HEARTBEAT_MS=5000; GRACE=10; BATCHES=(1 2)
+  LEASE=30; HEARTBEAT_MS=5000; GRACE=10; TXS=(4 24 12)
 fi
 SETUP_DIR="${SETUP_DIR:-.setup-cache}"
 DIR="${CHAOS_DIR:-out/chaos}"
@@ -41,8 +42,11 @@ PORT="${CHAOS_PORT:-50251}"
 BIN=target/debug
 SCHED="http://127.0.0.1:$PORT"
 rm -rf "$DIR"
-mkdir -p "$DIR"/{data,inbox,outbox,logs} "$SETUP_DIR"
+mkdir -p "$DIR"/{data,inbox,outbox,logs,batches} "$SETUP_DIR"
 DATA="$DIR/data"; LOGS="$DIR/logs"
+gen_args=(); for t in "${TXS[@]}"; do gen_args+=(--txs "$t"); done
+"$BIN/proofmesh-circuits" gen-batch --out "$DIR/batches" --seed 7 "${gen_args[@]}" >"$LOGS/gen-batch.log"
+BATCHES=($(seq "${#TXS[@]}"))
 
 sql() { "$WITH_POSTGRES_PSQL" "$DATABASE_URL" -Atq -v ON_ERROR_STOP=1 -c "$1" 2>>"$LOGS/sql.log"; }
 now() { date +%s.%N; }
@@ -91,9 +95,10 @@ start compressor "$BIN/proofmesh-compressor" --setup-dir "$SETUP_DIR" run --sche
 # witness generator is frozen before the batches arrive, so it is surely holding its first lease
 # when it is killed.
 for _ in $(seq 300); do [[ "$(sql "SELECT count(*) FROM workers WHERE name = 'wg-a'")" == 1 ]] && break; sleep 0.1; done
+sleep 1   # its credit follows the registration
 kill -STOP "${PID[wg-a]}"
 for n in "${BATCHES[@]}"; do
-  f=$(printf "samples/batch_%06d.bin" "$n")
+  f=$(printf "$DIR/batches/batch_%06d.bin" "$n")
   cp "$f" "$DIR/inbox/.$(basename "$f")" && mv "$DIR/inbox/.$(basename "$f")" "$DIR/inbox/$(basename "$f")"
 done
 "$BIN/proofmesh-gateway" --scheduler "$SCHED" --data-dir "$DATA" --inbox "$DIR/inbox" --outbox "$DIR/outbox" \
@@ -215,7 +220,7 @@ verified=0
 for n in "${BATCHES[@]}"; do
   stem=$(printf "batch_%06d" "$n")
   if [[ -f "$DIR/outbox/$stem.proof" ]] && "$BIN/proofmesh-compressor" --setup-dir "$SETUP_DIR" verify \
-       --proof "$DIR/outbox/$stem.proof" --batch "samples/$stem.bin" >"$LOGS/verify-$stem.log" 2>&1; then
+       --proof "$DIR/outbox/$stem.proof" --batch "$DIR/batches/$stem.bin" >"$LOGS/verify-$stem.log" 2>&1; then
     verified=$((verified + 1))
   fi
 done

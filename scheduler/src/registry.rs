@@ -122,11 +122,25 @@ impl Registry {
         best.map(|(_, _, id)| id.to_string())
     }
 
-    /// Holds a slot of `prover` for `lease`.
+    /// Holds a slot of `prover` for `lease` (nothing if it holds one there already).
     pub fn hold_slot(&mut self, prover: &str, lease: Uuid) {
+        if self.slots.get(&lease).is_some_and(|p| p == prover) {
+            return;
+        }
+        self.free_slot(lease);
         if let Some(p) = self.workers.get_mut(prover) {
             p.slots_used += 1;
             self.slots.insert(lease, prover.to_string());
+        }
+    }
+
+    /// A lease ended without its holder reporting (expired, or superseded by a late result):
+    /// frees its prover slot, unless the holder is that prover itself. A prover that took the
+    /// lease over still holds the witness vector, and the slot, until it reports or disconnects;
+    /// a WVG that never pushed held the slot for nothing.
+    pub fn lease_taken_away(&mut self, lease: Uuid, holder: Option<&str>) {
+        if holder.is_none() || self.slots.get(&lease).map(String::as_str) != holder {
+            self.free_slot(lease);
         }
     }
 

@@ -109,12 +109,6 @@ impl v1::scheduler_server::Scheduler for WorkService {
         if !held.is_empty() {
             // Re-attach: the leases still current become this stream's; a prover's hold its slots again.
             let stale = renew(&self.shared, &id, &held).await.map_err(internal)?;
-            if role == Role::Prover {
-                let mut registry = self.shared.registry();
-                for lease in held.iter().filter(|l| !stale.contains(l)) {
-                    registry.hold_slot(&id, *lease);
-                }
-            }
             tracing::info!(worker = %id, reattached = held.len() - stale.len(), revoked = stale.len(), "leases re-attached");
         }
         tracing::info!(worker = %id, name, role = role_name(role), zone = reg.zone, host = reg.host, "registered");
@@ -152,6 +146,14 @@ async fn renew(shared: &Shared, id: &str, leases: &[Uuid]) -> Result<Vec<Uuid>, 
         (registry.get(id).is_some_and(|c| c.role == Role::Prover), registry.ids())
     };
     let stale = db::renew(&shared.pool, id, leases, shared.settings.lease_secs, take_over, &connected).await?;
+    if take_over {
+        // A prover's heartbeat names the witness vectors it is proving: each holds one of its
+        // slots, whatever the registry believed (it is rebuilt after a scheduler restart).
+        let mut registry = shared.registry();
+        for lease in leases.iter().filter(|l| !stale.contains(l)) {
+            registry.hold_slot(id, *lease);
+        }
+    }
     for lease in &stale {
         tracing::warn!(worker = id, %lease, "heartbeat for a lease that is not current: revoked");
         shared.revoke(id, *lease, "lease not current: it expired and the job was leased again, or it finished");
@@ -249,7 +251,7 @@ async fn completed(shared: &Shared, worker: &str, c: v1::Completed, outbox: &Out
             shared.registry().free_slot(lease);
             if let Some((other, holder)) = &done.superseded {
                 tracing::warn!(worker, %lease, superseded = %other, "late result accepted: the job's newer lease is revoked");
-                shared.registry().free_slot(*other);
+                shared.registry().lease_taken_away(*other, holder.as_deref());
                 if let Some(holder) = holder {
                     shared.revoke(holder, *other, "another lease of this job succeeded first");
                 }

@@ -1,5 +1,5 @@
 //! The prover role: serves `Prover.PushWitnessVector`. A push takes one of its slots (else
-//! `RESOURCE_EXHAUSTED`; `UNAVAILABLE` while draining), is received whole and checked, and the
+//! `RESOURCE_EXHAUSTED`; `FAILED_PRECONDITION` while draining), is received whole and checked, and the
 //! prover takes the lease over (it heartbeats it from then on, so the WVG may go away) before it
 //! acknowledges; then it proves, saves the proof under the job's key and reports the completion
 //! on its own `Work` stream.
@@ -40,7 +40,7 @@ impl v1::prover_server::Prover for ProverService {
         request: Request<Streaming<v1::WitnessVectorChunk>>,
     ) -> Result<Response<v1::PushReceipt>, Status> {
         if self.draining.is_cancelled() {
-            return Err(Status::unavailable("prover draining"));
+            return Err(Status::failed_precondition("prover draining: it takes no new witness vectors"));
         }
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| Status::resource_exhausted("no free proving slot"))?;
         let (header, wv) = receive(request.into_inner()).await?;
@@ -57,7 +57,7 @@ impl v1::prover_server::Prover for ProverService {
                 Ok(c) => this.client.completed(c),
                 Err(e) => {
                     tracing::warn!(lease, "proving failed: {e}");
-                    this.client.failed(&lease, &e.message, e.retryable, false);
+                    this.client.failed(&lease, &e.message, e.retryable, e.handed_back);
                 }
             }
             this.client.unhold(&lease);

@@ -25,16 +25,23 @@ pub struct JobError {
     /// False for bad input (a batch that does not replay, a corrupt artifact): the job and its
     /// batch fail at once. True for the rest (an unreachable prover, a full disk).
     pub retryable: bool,
+    /// Not the job's failure: it could not be placed (the matched prover had no free slot or is
+    /// draining). Reported as handed back: queued again, no attempt spent, matched anew.
+    pub handed_back: bool,
 }
 
 impl JobError {
     /// A failure another attempt may not have.
     pub fn retry(message: impl Into<String>) -> Self {
-        JobError { message: message.into(), retryable: true }
+        JobError { message: message.into(), retryable: true, handed_back: false }
     }
     /// A failure of the input itself.
     pub fn fatal(message: impl Into<String>) -> Self {
-        JobError { message: message.into(), retryable: false }
+        JobError { message: message.into(), retryable: false, handed_back: false }
+    }
+    /// The job could not be placed where it was sent; it goes back to the queue as it was.
+    pub fn hand_back(message: impl Into<String>) -> Self {
+        JobError { message: message.into(), retryable: true, handed_back: true }
     }
 }
 
@@ -88,7 +95,7 @@ pub async fn run(
                 Ok(Outcome::HandedOff) => tracing::debug!(lease = lease.lease_id, "{span}: handed off"),
                 Err(e) => {
                     tracing::warn!(lease = lease.lease_id, retryable = e.retryable, "{span}: {e}");
-                    client.failed(&lease.lease_id, &e.message, e.retryable, false);
+                    client.failed(&lease.lease_id, &e.message, e.retryable, e.handed_back);
                 }
             }
             client.release(&lease.lease_id);

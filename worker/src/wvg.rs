@@ -61,9 +61,17 @@ impl Stage for WitnessVectorGenerator {
             wvg_compute_secs: secs,
         };
         let channel = self.channel(&lease.prover_endpoint)?;
-        push(channel, header, wv)
-            .await
-            .map_err(|s| JobError::retry(format!("streaming to prover {}: {}", lease.prover_endpoint, s.message())))?;
+        push(channel, header, wv).await.map_err(|s| {
+            let message = format!("streaming to prover {}: {}", lease.prover_endpoint, s.message());
+            match s.code() {
+                // The prover is draining (the scheduler matches no more WVGs with it): not the
+                // job's failure; it is matched to another prover without spending an attempt.
+                // Anything else (no free slot, unreachable, stream dropped) spends one, so a
+                // misconfigured endpoint fails its batches with this message instead of looping.
+                tonic::Code::FailedPrecondition => JobError::hand_back(message),
+                _ => JobError::retry(message),
+            }
+        })?;
         Ok(Outcome::HandedOff)
     }
 }
