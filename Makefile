@@ -24,11 +24,13 @@ build:
 	$(CARGO) build --workspace --all-targets
 
 # The cluster test runs the workspace's binaries, so they are built first; the tests get a
-# throwaway PostgreSQL unless DATABASE_URL is set. The short chaos run reuses the setup data the
+# throwaway PostgreSQL unless DATABASE_URL is set, and the real clients they drive (grpcurl,
+# prometheus_client) from .venv (scripts/test-tools.sh). The short chaos run reuses the setup data the
 # tests built (small geometry) and always runs its own PostgreSQL (it restarts it).
 test:
 	$(CARGO) build --workspace --bins
-	scripts/with-postgres.sh $(CARGO) test --workspace
+	scripts/test-tools.sh
+	PATH="$(CURDIR)/.venv/bin:$$PATH" scripts/with-postgres.sh $(CARGO) test --workspace
 	SETUP_DIR=target/tmp/setup-cache scripts/chaos.sh --short
 
 chaos:

@@ -50,6 +50,9 @@ enum Command {
         /// Batches compressed at once.
         #[arg(long, env = "PROOFMESH_CAPACITY", default_value_t = 1)]
         capacity: u32,
+        /// Serve Prometheus metrics on this address (`http://ADDR/metrics`); off when unset.
+        #[arg(long, env = "PROOFMESH_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
         /// On SIGTERM, how long a running compression may finish before it is handed back, seconds.
         #[arg(long, env = "PROOFMESH_DRAIN_GRACE_SECS", default_value_t = 60.0)]
         drain_grace_secs: f64,
@@ -89,10 +92,13 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Run { scheduler, data_dir, zone, region, name, capacity, drain_grace_secs } => {
+        Command::Run { scheduler, data_dir, zone, region, name, capacity, drain_grace_secs, metrics_listen } => {
             anyhow::ensure!(capacity >= 1, "--capacity must be at least 1");
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
+                if let Some(addr) = metrics_listen {
+                    proofmesh_core::telemetry::serve_metrics(addr).map_err(|e| anyhow::anyhow!("serving metrics on {addr}: {e}"))?;
+                }
                 // SIGTERM drains (as the workers do); the stream stays up until the drain is over.
                 let drain = CancellationToken::new();
                 proofmesh_core::shutdown::cancel_on_signal(drain.clone());
@@ -116,8 +122,8 @@ fn main() -> anyhow::Result<()> {
                 let grace = std::time::Duration::from_secs_f64(drain_grace_secs.max(0.0));
                 runner::run(client, leases, stage, drain, grace).await;
                 stop.cancel();
-            });
-            Ok(())
+                Ok(())
+            })
         }
     }
 }

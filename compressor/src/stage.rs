@@ -36,6 +36,10 @@ pub struct Compressor {
 
 #[async_trait::async_trait]
 impl Stage for Compressor {
+    fn name(&self) -> &'static str {
+        "compression"
+    }
+
     async fn handle(&self, lease: &v1::Lease) -> Result<Outcome, JobError> {
         let (version, geometry) = version_and_geometry(lease.protocol_version.as_ref(), lease.geometry.as_ref())?;
         if lease.output_key.is_empty() {

@@ -70,6 +70,9 @@ struct Settings {
     /// stdout is not a terminal. They are on by default when it is one.
     #[arg(long, env = "PROOFMESH_PROGRESS")]
     progress: bool,
+    /// Serve Prometheus metrics on this address (`http://ADDR/metrics`); off when unset.
+    #[arg(long, env = "PROOFMESH_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[tokio::main]
@@ -95,6 +98,9 @@ async fn main() -> ExitCode {
 async fn run(settings: Settings, progress: Progress) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     proofmesh_core::shutdown::cancel_on_signal(shutdown.clone());
+    if let Some(addr) = settings.metrics_listen {
+        proofmesh_core::telemetry::serve_metrics(addr).with_context(|| format!("serving metrics on {addr}"))?;
+    }
 
     let inbox = Inbox::create(&settings.inbox)
         .with_context(|| format!("cannot create the inbox {}", settings.inbox.display()))?;
@@ -179,6 +185,7 @@ struct Ended {
 
 impl Ended {
     fn push(&mut self, report: Report) {
+        metrics::counter!(proofmesh_core::telemetry::names::GATEWAY_BATCHES, "outcome" => report.outcome.word()).increment(1);
         if report.outcome == Outcome::Interrupted {
             tracing::info!(file = %report.file, "stopped before it ended: the next start picks it up again");
         }

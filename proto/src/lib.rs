@@ -12,4 +12,4 @@ pub mod v1 {
 mod convert;
 mod serve;
 
-pub use serve::{reflection_and_health, DESCRIPTOR_SET};
+pub use serve::{reflection_and_health, HealthReporter, ServingStatus, DESCRIPTOR_SET};

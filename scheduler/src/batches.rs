@@ -1,5 +1,5 @@
-//! `Batches` (for the gateway) and `Admin` (for operators): submit a batch, watch it, fetch its
-//! proof; list batches and read one with its progress per round.
+//! `Batches` (for the gateway): submit a batch, watch it, fetch its proof; and a batch's status
+//! with its progress per round, which `Admin` shows too.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use crate::db::{self, BatchRow, DbError};
 use crate::graph::COMPRESSION_ROUND;
 use crate::state::Shared;
 
-/// The `Batches` and `Admin` services.
+/// The `Batches` service.
 #[derive(Debug, Clone)]
 pub struct BatchService {
     shared: Arc<Shared>,
@@ -27,7 +27,8 @@ impl BatchService {
     }
 }
 
-fn internal(e: DbError) -> Status {
+/// A database error as a gRPC status.
+pub fn internal(e: DbError) -> Status {
     Status::internal(e.to_string())
 }
 
@@ -44,7 +45,8 @@ pub async fn batch_status(shared: &Shared, number: i64) -> Result<Option<v1::Bat
     Ok(Some(to_status(row, rounds)))
 }
 
-fn to_status(row: BatchRow, rounds: Vec<db::RoundRow>) -> v1::BatchStatus {
+/// A batch row and its rounds as `BatchStatus`.
+pub fn to_status(row: BatchRow, rounds: Vec<db::RoundRow>) -> v1::BatchStatus {
     let state = match row.status.as_str() {
         "proven" => v1::BatchState::Proven,
         "failed" => v1::BatchState::Failed,
@@ -61,6 +63,7 @@ fn to_status(row: BatchRow, rounds: Vec<db::RoundRow>) -> v1::BatchStatus {
                 succeeded: found.map_or(0, |x| x.succeeded as u32),
                 failed: found.map_or(0, |x| x.failed as u32),
                 in_progress: found.map_or(0, |x| x.in_progress as u32),
+                queued: found.map_or(0, |x| x.queued as u32),
             }
         })
         .collect();
@@ -181,33 +184,4 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(body(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
-}
-
-#[tonic::async_trait]
-impl v1::admin_server::Admin for BatchService {
-    async fn list_batches(
-        &self,
-        request: Request<v1::ListBatchesRequest>,
-    ) -> Result<Response<v1::ListBatchesResponse>, Status> {
-        let limit = match request.into_inner().limit {
-            0 => 100,
-            n => i64::from(n.min(10_000)),
-        };
-        let rows = db::batches(&self.shared.pool, limit).await.map_err(internal)?;
-        let mut batches = Vec::with_capacity(rows.len());
-        for row in rows {
-            let rounds = db::rounds(&self.shared.pool, row.batch_number).await.map_err(internal)?;
-            batches.push(to_status(row, rounds));
-        }
-        Ok(Response::new(v1::ListBatchesResponse { batches }))
-    }
-
-    async fn get_batch(&self, request: Request<v1::GetBatchRequest>) -> Result<Response<v1::BatchStatus>, Status> {
-        let number = i64::from(request.into_inner().batch_number);
-        batch_status(&self.shared, number)
-            .await
-            .map_err(internal)?
-            .map(Response::new)
-            .ok_or_else(|| Status::not_found(format!("batch {number} was never submitted")))
-    }
 }

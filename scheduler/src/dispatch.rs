@@ -113,6 +113,7 @@ async fn dispatch_one(shared: &Shared, worker: &str) -> Result<bool, db::DbError
         return Ok(false);
     }
     tracing::debug!(worker, job = job.id, lease = %job.lease_id, "leased");
+    crate::telemetry::leased(&job.kind, job.waited_secs);
     shared.deadlines.notify_one();
     shared.batch_changed(job.batch_number);
     Ok(true)

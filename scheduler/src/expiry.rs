@@ -54,6 +54,7 @@ async fn expire_due(shared: &Shared) -> Result<(), DbError> {
             Err(e) => return Err(e),
         };
         tracing::warn!(%lease, holder = ended.holder.as_deref().unwrap_or(""), job_failed = ended.job_failed, "{reason}");
+        crate::telemetry::lease_ended(&ended.job, "expired");
         shared.registry().lease_taken_away(lease, ended.holder.as_deref());
         if let Some(holder) = &ended.holder {
             shared.revoke(holder, lease, &reason);

@@ -7,15 +7,20 @@
 //! - [`registry`]: the connected workers, their credits and prover slots; zone matching.
 //! - [`dispatch`]: the task that turns queued jobs and credits into leases.
 //! - [`expiry`]: the timer that ends leases past their deadline.
-//! - [`work`], [`batches`]: the gRPC services.
+//! - [`readiness`]: `grpc.health.v1` statuses from PostgreSQL's reachability.
+//! - [`telemetry`]: the scheduler's Prometheus metrics (queue depth from the database).
+//! - [`work`], [`batches`], [`admin`]: the gRPC services.
 
+pub mod admin;
 pub mod batches;
 pub mod db;
 pub mod dispatch;
 pub mod expiry;
 pub mod graph;
+pub mod readiness;
 pub mod registry;
 pub mod state;
+pub mod telemetry;
 pub mod work;
 
 use std::sync::Arc;
@@ -46,11 +51,15 @@ pub async fn serve(
         .tcp_nodelay(true)
         .add_service(v1::scheduler_server::SchedulerServer::new(work::WorkService::new(shared.clone(), cancel.clone())))
         .add_service(v1::batches_server::BatchesServer::new(batches::BatchService::new(shared.clone())))
-        .add_service(v1::admin_server::AdminServer::new(batches::BatchService::new(shared.clone())));
-    let router = proofmesh_proto::reflection_and_health(router)?;
+        .add_service(v1::admin_server::AdminServer::new(admin::AdminService::new(shared.clone())));
+    let (router, health) = proofmesh_proto::reflection_and_health(router)?;
+    let readiness = tokio::spawn(readiness::run(shared.clone(), health, cancel.clone()));
+    let gauges = tokio::spawn(telemetry::run(shared.clone(), cancel.clone()));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     router.serve_with_incoming_shutdown(incoming, cancel.cancelled_owned()).await?;
     dispatcher.await?;
     expiry.await?;
+    readiness.await?;
+    gauges.await?;
     Ok(())
 }

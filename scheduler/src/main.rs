@@ -61,6 +61,9 @@ struct Args {
     /// Let a WVG stream to a prover of another zone when none of its zone is free (default: wait).
     #[arg(long, env = "PROOFMESH_CROSS_ZONE")]
     cross_zone: bool,
+    /// Serve Prometheus metrics on this address (`http://ADDR/metrics`); off when unset.
+    #[arg(long, env = "PROOFMESH_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Database connections.
     #[arg(long, env = "PROOFMESH_DATABASE_CONNECTIONS", default_value_t = 16)]
     database_connections: u32,
@@ -70,6 +73,9 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     proofmesh_core::telemetry::init_logs("info,sqlx=warn");
     let args = Args::parse();
+    if let Some(addr) = args.metrics_listen {
+        proofmesh_core::telemetry::serve_metrics(addr).with_context(|| format!("serving metrics on {addr}"))?;
+    }
     let url = args
         .database_url
         .clone()

@@ -23,6 +23,8 @@ pub struct Conn {
     pub role: Role,
     /// Its zone.
     pub zone: String,
+    /// Its region.
+    pub region: String,
     /// Its host.
     pub host: String,
     /// Provers: slots (witness vectors proven at once). Others: informational.
@@ -87,6 +89,26 @@ impl Registry {
     /// Every connected worker's id.
     pub fn ids(&self) -> Vec<String> {
         self.workers.keys().cloned().collect()
+    }
+
+    /// Every connected worker, by id.
+    pub fn all(&self) -> Vec<&Conn> {
+        let mut v: Vec<&Conn> = self.workers.values().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// Drains the workers whose id or name is `who` (no more leases, no more WVG matches).
+    /// Returns their ids.
+    pub fn drain(&mut self, who: &str) -> Vec<String> {
+        let mut ids = vec![];
+        for c in self.workers.values_mut().filter(|c| c.id == who || c.name == who) {
+            c.draining = true;
+            c.credits = 0;
+            ids.push(c.id.clone());
+        }
+        ids.sort();
+        ids
     }
 
     /// Workers that take leases (not provers) and have credits, by id.
@@ -177,6 +199,7 @@ mod tests {
             name: id.into(),
             role,
             zone: zone.into(),
+            region: "r".into(),
             host: host.into(),
             capacity,
             prover_endpoint: format!("http://{id}"),

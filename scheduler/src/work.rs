@@ -42,7 +42,8 @@ type SchedulerStream = Pin<Box<dyn Stream<Item = Result<v1::SchedulerMessage, St
 /// Room for the messages in flight to one worker (leases never exceed its credits).
 const OUTBOX_DEPTH: usize = 1024;
 
-fn role_name(role: Role) -> &'static str {
+/// A role as workers, logs and metrics name it (`witness-generator`, `wvg`, `prover`, `compressor`).
+pub fn role_name(role: Role) -> &'static str {
     match role {
         Role::WitnessGenerator => "witness-generator",
         Role::Wvg => "wvg",
@@ -96,6 +97,7 @@ impl v1::scheduler_server::Scheduler for WorkService {
             name: name.clone(),
             role,
             zone: reg.zone.clone(),
+            region: reg.region.clone(),
             host: reg.host.clone(),
             capacity: reg.capacity,
             prover_endpoint: reg.prover_endpoint.clone(),
@@ -249,7 +251,9 @@ async fn completed(shared: &Shared, worker: &str, c: v1::Completed, outbox: &Out
                 tracing::info!(batch = done.batch_number, "batch proven");
             }
             shared.registry().free_slot(lease);
+            crate::telemetry::lease_ended(&done.job, "succeeded");
             if let Some((other, holder)) = &done.superseded {
+                crate::telemetry::lease_ended(&done.job, "superseded");
                 tracing::warn!(worker, %lease, superseded = %other, "late result accepted: the job's newer lease is revoked");
                 shared.registry().lease_taken_away(*other, holder.as_deref());
                 if let Some(holder) = holder {
@@ -282,6 +286,7 @@ async fn failed(shared: &Shared, worker: &str, f: v1::Failed, outbox: &Outbox) -
     match db::end_lease(&shared.pool, lease, &f.error, f.retryable, reason).await {
         Ok(Some(ended)) => {
             tracing::warn!(worker, %lease, retryable = f.retryable, job_failed = ended.job_failed, "job failed: {}", f.error);
+            crate::telemetry::lease_ended(&ended.job, if f.handed_back { "handed_back" } else { "failed" });
             shared.registry().free_slot(lease);
             recorded(outbox, &f.lease_id).await;
             shared.batch_changed(ended.batch_number);

@@ -1,14 +1,19 @@
 //! The whole cluster as separate processes on 127.0.0.1: scheduler, witness generator, WVG,
 //! prover, compressor and gateway. A sample batch goes in at the gateway's inbox beside a file
 //! that is not a batch; the batch comes out as a final proof that `proofmesh-compressor verify`
-//! accepts, and the other file as an `.error`. Needs the workspace's binaries (`make test`
-//! builds them first) and `DATABASE_URL`.
+//! accepts, and the other file as an `.error`. Every process serves `/metrics`: while the batch
+//! proves, the scheduler's queue depth must match the jobs in the database, and each process's
+//! metrics must parse with the Prometheus client (PyPI `prometheus_client`). Needs the
+//! workspace's binaries and `DATABASE_URL` (`make test` provides both) and the test tools
+//! (`scripts/test-tools.sh`).
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Kills the processes it holds when dropped, so a failing test leaves nothing running.
 struct Procs(Vec<(String, Child)>);
@@ -64,10 +69,50 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// `GET /metrics` from 127.0.0.1:`port` (plain HTTP/1.0); `None` if it does not answer.
+fn scrape(port: u16) -> Option<String> {
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    c.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    c.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string()).or_else(|| head.starts_with("HTTP/1.0 200").then(|| body.to_string()))
+}
+
+/// One sample: metric name, labels, value.
+type Sample = (String, BTreeMap<String, String>, f64);
+
+/// Parses Prometheus text with the reference client's parser (`prometheus_client`, Python).
+fn parse_metrics(text: &str) -> Vec<Sample> {
+    const PARSE: &str = "import json, sys\nfrom prometheus_client.parser import text_string_to_metric_families\n\
+        print(json.dumps([[s.name, s.labels, s.value] for f in text_string_to_metric_families(sys.stdin.read()) for s in f.samples]))";
+    let mut child = Command::new("python3")
+        .args(["-c", PARSE])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 (`make test` puts .venv/bin first on PATH)");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "prometheus_client could not parse the metrics (is it installed? scripts/test-tools.sh): {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<Vec<(String, BTreeMap<String, String>, f64)>>(&out.stdout).unwrap()
+}
+
+/// Sum of `name`'s samples with label `key` = `value`.
+fn sum(samples: &[Sample], name: &str, key: &str, value: &str) -> f64 {
+    samples.iter().filter(|(n, l, _)| n == name && l.get(key).map(String::as_str) == Some(value)).map(|(_, _, v)| v).sum()
+}
+
 #[test]
 fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (_pool, db_url) = rt.block_on(common::fresh_database());
+    let (pool, db_url) = rt.block_on(common::fresh_database());
     let tmp = tempfile::tempdir().unwrap();
     let (data, inbox, outbox, logs) =
         (tmp.path().join("data"), tmp.path().join("inbox"), tmp.path().join("outbox"), tmp.path().join("logs"));
@@ -87,31 +132,67 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
     let (d, s) = (data.to_str().unwrap(), setup.to_str().unwrap());
     let mut procs = Procs(vec![]);
     let listen = format!("127.0.0.1:{port}");
+    // Each process's metrics port.
+    let metrics: BTreeMap<&str, u16> =
+        ["scheduler", "wg", "wvg-a", "prover-a", "compressor", "gateway"].into_iter().map(|n| (n, free_port())).collect();
+    let metrics_at = |name: &str| format!("127.0.0.1:{}", metrics[name]);
     spawn(&mut procs, &logs, "scheduler", "proofmesh-scheduler", &[
         "--listen", &listen, "--database-url", &db_url, "--data-dir", d, "--geometry", "small",
+        "--metrics-listen", &metrics_at("scheduler"),
     ]);
-    let worker = |role: &str, zone: &str| -> Vec<String> {
-        ["--role", role, "--scheduler", &scheduler, "--zone", zone, "--data-dir", d, "--setup-dir", s]
+    let worker = |name: &str, role: &str, zone: &str| -> Vec<String> {
+        ["--role", role, "--scheduler", &scheduler, "--zone", zone, "--data-dir", d, "--setup-dir", s, "--metrics-listen", &metrics_at(name)]
             .iter()
             .map(|x| x.to_string())
             .collect()
     };
     for (name, role, zone) in [("wg", "witness-generator", "a"), ("wvg-a", "wvg", "a"), ("prover-a", "prover", "a")] {
-        let args = worker(role, zone);
+        let args = worker(name, role, zone);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         spawn(&mut procs, &logs, name, "proofmesh-worker", &args);
     }
     spawn(&mut procs, &logs, "compressor", "proofmesh-compressor", &[
-        "--setup-dir", s, "run", "--scheduler", &scheduler, "--data-dir", d,
+        "--setup-dir", s, "run", "--scheduler", &scheduler, "--data-dir", d, "--metrics-listen", &metrics_at("compressor"),
     ]);
 
     let start = Instant::now();
-    let gateway = Command::new(bin("proofmesh-gateway"))
+    let mut gateway = Command::new(bin("proofmesh-gateway"))
         .args(["--scheduler", &scheduler, "--data-dir", d, "--inbox", inbox.to_str().unwrap(), "--outbox", outbox.to_str().unwrap(), "--once"])
+        .args(["--metrics-listen", &metrics_at("gateway")])
+        .stdout(Stdio::piped())
         .stderr(std::fs::File::create(logs.join("gateway.log")).unwrap())
-        .output()
+        .spawn()
         .unwrap();
+    // While the batch proves: the scheduler's queue depth against the database, until they agree
+    // on a moment with work outstanding (the gauges refresh every 2 s; jobs last seconds).
+    let mut agreed = None;
+    let mut gateway_metrics = None;
+    while gateway.try_wait().unwrap().is_none() {
+        if let Some(text) = scrape(metrics["gateway"]) {
+            gateway_metrics = Some(text);
+        }
+        if agreed.is_none() {
+            let in_db: Vec<(String, i64)> = rt.block_on(
+                sqlx::query_as("SELECT status, count(*) FROM jobs WHERE status IN ('waiting', 'queued', 'leased') GROUP BY status")
+                    .fetch_all(&pool),
+            )
+            .unwrap();
+            if let Some(text) = scrape(metrics["scheduler"]) {
+                let samples = parse_metrics(&text);
+                let gauge = |status: &str| sum(&samples, "proofmesh_queue_depth", "status", status) as i64;
+                let db = |status: &str| in_db.iter().find(|(s, _)| s == status).map_or(0, |(_, n)| *n);
+                let statuses = ["waiting", "queued", "leased"];
+                if statuses.iter().all(|st| gauge(st) == db(st)) && statuses.iter().any(|st| db(st) > 0) {
+                    agreed = Some(statuses.map(db));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let gateway = gateway.wait_with_output().unwrap();
     let report = String::from_utf8_lossy(&gateway.stdout).to_string();
+    let agreed = agreed.unwrap_or_else(|| panic!("the queue depth never matched the database while the batch proved\n{}", logs_of(&logs)));
+    eprintln!("queue depth matched the database at waiting/queued/leased = {agreed:?}");
     assert_eq!(gateway.status.code(), Some(1), "the gateway reports the rejected file\n{report}\n{}", logs_of(&logs));
     eprintln!("batch proven through the cluster in {:.1} s\n{report}", start.elapsed().as_secs_f64());
 
@@ -134,6 +215,23 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
     // The same proof does not prove another batch.
     let other = verify(&samples.join("batch_000002.bin"));
     assert_eq!(other.status.code(), Some(1), "{}", String::from_utf8_lossy(&other.stdout));
+
+    // Every process's metrics parse, and say what it did.
+    let of = |name: &str| parse_metrics(&scrape(metrics[name]).unwrap_or_else(|| panic!("{name} serves no metrics")));
+    let scheduler_m = of("scheduler");
+    assert!(sum(&scheduler_m, "proofmesh_jobs_total", "outcome", "succeeded") >= 13.0, "every job's success is counted");
+    assert!(sum(&scheduler_m, "proofmesh_workers", "role", "prover") >= 1.0);
+    assert!(scheduler_m.iter().any(|(n, _, _)| n == "proofmesh_lease_wait_seconds_count"));
+    assert!(scheduler_m.iter().any(|(n, _, _)| n == "proofmesh_oldest_queued_job_age_seconds"));
+    for (name, stage) in [("wg", "witness_generation"), ("wvg-a", "witness_vector"), ("prover-a", "proving"), ("compressor", "compression")] {
+        let m = of(name);
+        assert!(sum(&m, "proofmesh_job_duration_seconds_count", "stage", stage) >= 1.0, "{name}: no {stage} durations");
+    }
+    let sent = sum(&of("wvg-a"), "proofmesh_witness_vector_bytes_total", "direction", "sent");
+    let received = sum(&of("prover-a"), "proofmesh_witness_vector_bytes_total", "direction", "received");
+    assert!(sent > 0.0 && sent == received, "witness-vector bytes sent {sent}, received {received}");
+    let gateway_m = parse_metrics(&gateway_metrics.expect("the gateway served metrics while it ran"));
+    assert!(sum(&gateway_m, "proofmesh_gateway_batches_total", "outcome", "rejected") >= 1.0, "the malformed file is counted");
 
     // Every process is still up: nothing crashed along the way.
     for (name, c) in &mut procs.0 {

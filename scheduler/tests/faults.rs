@@ -115,6 +115,10 @@ struct Gate(Arc<tokio::sync::Notify>);
 
 #[async_trait::async_trait]
 impl Stage for Gate {
+    fn name(&self) -> &'static str {
+        "witness_generation"
+    }
+
     async fn handle(&self, _lease: &v1::Lease) -> Result<Outcome, JobError> {
         self.0.notified().await;
         Ok(Outcome::Completed(v1::Completed {
@@ -220,6 +224,10 @@ struct Prove {
 
 #[async_trait::async_trait]
 impl Stage for Prove {
+    fn name(&self) -> &'static str {
+        "witness_generation"
+    }
+
     async fn handle(&self, _lease: &v1::Lease) -> Result<Outcome, JobError> {
         let (setups, store, key, wv, secs) = (self.setups.clone(), self.store.clone(), self.key, self.wv.clone(), self.secs);
         let (proofs, cpu) = execute(move || {

@@ -66,6 +66,9 @@ struct Args {
     /// Provers: the URL others reach it at; default `http://<listen address>`.
     #[arg(long, env = "PROOFMESH_ADVERTISE")]
     advertise: Option<String>,
+    /// Serve Prometheus metrics on this address (`http://ADDR/metrics`); off when unset.
+    #[arg(long, env = "PROOFMESH_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// On SIGTERM, how long the jobs held may run before they are handed back, seconds.
     #[arg(long, env = "PROOFMESH_DRAIN_GRACE_SECS", default_value_t = 60.0)]
     drain_grace_secs: f64,
@@ -76,6 +79,9 @@ async fn main() -> anyhow::Result<()> {
     proofmesh_core::telemetry::init_logs("info");
     let args = Args::parse();
     anyhow::ensure!(args.capacity >= 1, "--capacity must be at least 1");
+    if let Some(addr) = args.metrics_listen {
+        proofmesh_core::telemetry::serve_metrics(addr).with_context(|| format!("serving metrics on {addr}"))?;
+    }
     // SIGTERM starts the drain; the lease client's stream stays up until the drain is over.
     let drain = CancellationToken::new();
     proofmesh_core::shutdown::cancel_on_signal(drain.clone());
@@ -119,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .add_service(v1::prover_server::ProverServer::new(service).max_decoding_message_size(8 << 20));
-        let router = proofmesh_proto::reflection_and_health(router)?;
+        let (router, _serving) = proofmesh_proto::reflection_and_health(router)?;
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()));
         drain.cancelled().await;

@@ -45,11 +45,14 @@ impl v1::prover_server::Prover for ProverService {
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| Status::resource_exhausted("no free proving slot"))?;
         let (header, wv) = receive(request.into_inner()).await?;
         let received = wv.len() as u64;
+        metrics::counter!(proofmesh_core::telemetry::names::WITNESS_VECTOR_BYTES, "direction" => "received").increment(received);
         let lease = header.lease_id.clone();
         self.client.hold(&lease);
         let this = self.clone();
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
             let result = this.prove_and_save(header, wv).await;
+            crate::runner::record_duration("proving", started);
             // Free the slot before reporting: the scheduler may hand it to the next WVG lease as
             // soon as it reads the report.
             drop(permit);

@@ -57,8 +57,17 @@ pub enum Outcome {
 /// One role's work on one lease.
 #[async_trait::async_trait]
 pub trait Stage: Send + Sync + 'static {
+    /// The stage's name in `proofmesh_job_duration_seconds{stage}`: `witness_generation`,
+    /// `witness_vector`, `proving` or `compression`.
+    fn name(&self) -> &'static str;
+
     /// Reads the lease's inputs, computes, saves the outputs.
     async fn handle(&self, lease: &v1::Lease) -> Result<Outcome, JobError>;
+}
+
+/// Records one job's wall time in a stage.
+pub fn record_duration(stage: &'static str, started: std::time::Instant) {
+    metrics::histogram!(proofmesh_core::telemetry::names::JOB_DURATION, "stage" => stage).record(started.elapsed().as_secs_f64());
 }
 
 /// How long a drained worker waits for the scheduler to answer its last reports.
@@ -86,7 +95,10 @@ pub async fn run(
                 "batch {} round {} circuit {} depth {} seq {}",
                 job.batch_number, job.aggregation_round, job.circuit_id, job.depth, job.sequence_number
             );
-            match stage.handle(&lease).await {
+            let started = std::time::Instant::now();
+            let outcome = stage.handle(&lease).await;
+            record_duration(stage.name(), started);
+            match outcome {
                 Ok(Outcome::Completed(mut c)) => {
                     tracing::info!(lease = lease.lease_id, "{span}: done in {:.2} CPU s", c.compute_secs);
                     c.lease_id = lease.lease_id.clone();

@@ -28,6 +28,10 @@ pub async fn read_all(artifacts: &dyn ArtifactStore, keys: &[String]) -> Result<
 
 #[async_trait::async_trait]
 impl Stage for WitnessGenerator {
+    fn name(&self) -> &'static str {
+        "witness_generation"
+    }
+
     async fn handle(&self, lease: &v1::Lease) -> Result<Outcome, JobError> {
         let job = lease.job.unwrap_or_default();
         let (version, geometry) = version_and_geometry(lease.protocol_version.as_ref(), lease.geometry.as_ref())?;

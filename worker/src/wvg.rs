@@ -40,6 +40,10 @@ impl WitnessVectorGenerator {
 
 #[async_trait::async_trait]
 impl Stage for WitnessVectorGenerator {
+    fn name(&self) -> &'static str {
+        "witness_vector"
+    }
+
     async fn handle(&self, lease: &v1::Lease) -> Result<Outcome, JobError> {
         if lease.prover_endpoint.is_empty() {
             return Err(JobError::retry("WVG lease without a prover"));
@@ -61,6 +65,7 @@ impl Stage for WitnessVectorGenerator {
             wvg_compute_secs: secs,
         };
         let channel = self.channel(&lease.prover_endpoint)?;
+        let bytes = wv.len() as u64;
         push(channel, header, wv).await.map_err(|s| {
             let message = format!("streaming to prover {}: {}", lease.prover_endpoint, s.message());
             match s.code() {
@@ -72,6 +77,7 @@ impl Stage for WitnessVectorGenerator {
                 _ => JobError::retry(message),
             }
         })?;
+        metrics::counter!(proofmesh_core::telemetry::names::WITNESS_VECTOR_BYTES, "direction" => "sent").increment(bytes);
         Ok(Outcome::HandedOff)
     }
 }

@@ -12,6 +12,9 @@ use uuid::Uuid;
 use crate::graph::{self, JobKind, NewJob};
 use crate::state::MaxAttempts;
 
+mod operator;
+pub use operator::*;
+
 /// A database error, or a request the job state refuses.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -57,11 +60,26 @@ pub struct LeasedJob {
     pub deadline_ms: i64,
     /// The batch's geometry (7 numbers).
     pub geometry: Vec<i32>,
+    /// Seconds it waited in the queue.
+    pub waited_secs: f64,
+}
+
+/// What a job is, for metric labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobLabels {
+    /// `jobs.kind`.
+    pub kind: String,
+    /// 0..=5.
+    pub round: i16,
+    /// Circuit id.
+    pub circuit_id: i16,
 }
 
 /// What a successful completion changed.
 #[derive(Debug, Clone, Default)]
 pub struct Completion {
+    /// The job (empty labels when `already_recorded`).
+    pub job: JobLabels,
     /// The batch.
     pub batch_number: i64,
     /// Jobs that became queued.
@@ -82,6 +100,8 @@ pub struct Ended {
     pub lease_id: Uuid,
     /// The job's batch.
     pub batch_number: i64,
+    /// The job.
+    pub job: JobLabels,
     /// The connection that held it (`jobs.leased_to`), to revoke it there.
     pub holder: Option<String>,
     /// The job failed for good (and with it the batch); otherwise it is queued again.
@@ -112,6 +132,8 @@ pub struct RoundRow {
     pub failed: i64,
     /// Leased now.
     pub in_progress: i64,
+    /// Queued now.
+    pub queued: i64,
 }
 
 /// A batch row with its progress.
@@ -237,7 +259,8 @@ pub async fn lease(
          history AS (INSERT INTO leases (lease_id, job_id, worker) SELECT lease_id, id, leased_to FROM picked)
          SELECT p.id, p.lease_id, p.batch_number, p.kind, p.aggregation_round, p.circuit_id, p.depth,
                 p.sequence_number, p.protocol_minor, p.protocol_patch, p.input_key, p.output_key,
-                (extract(epoch FROM p.lease_deadline) * 1000)::bigint AS deadline_ms, b.geometry
+                (extract(epoch FROM p.lease_deadline) * 1000)::bigint AS deadline_ms, b.geometry,
+                COALESCE(extract(epoch FROM now() - p.queued_at), 0)::float8 AS waited_secs
          FROM picked p JOIN batches b USING (batch_number)",
     )
     .bind(Uuid::new_v4())
@@ -349,6 +372,7 @@ struct Claim {
     batch: i64,
     kind: String,
     round: i16,
+    circuit_id: i16,
     priority: i32,
     minor: i32,
     patch: i32,
@@ -396,19 +420,19 @@ async fn claim_success(
         .bind(lease)
         .execute(&mut **tx)
         .await?;
-    let (id, batch, kind, round, priority, minor, patch, output_key) =
-        sqlx::query_as::<_, (i64, i64, String, i16, i32, i32, i32, Option<String>)>(
+    let (id, batch, kind, round, circuit_id, priority, minor, patch, output_key) =
+        sqlx::query_as::<_, (i64, i64, String, i16, i16, i32, i32, i32, Option<String>)>(
             "UPDATE jobs SET status = 'succeeded', finished_at = now(), compute_secs = $2, lease_id = $3,
                              lease_deadline = NULL, error = NULL
              WHERE id = $1
-             RETURNING id, batch_number, kind, aggregation_round, priority, protocol_minor, protocol_patch, output_key",
+             RETURNING id, batch_number, kind, aggregation_round, circuit_id, priority, protocol_minor, protocol_patch, output_key",
         )
         .bind(job)
         .bind(compute_secs)
         .bind(lease)
         .fetch_one(&mut **tx)
         .await?;
-    Ok(Some(Claim { id, batch, kind, round, priority, minor, patch, output_key, superseded }))
+    Ok(Some(Claim { id, batch, kind, round, circuit_id, priority, minor, patch, output_key, superseded }))
 }
 
 /// Records a completion: the first valid result of a job wins (see `claim_success`); refused with
@@ -427,9 +451,10 @@ pub async fn complete(
     let Some(claim) = claim_success(&mut tx, lease, compute_secs).await? else {
         return Ok(Completion { already_recorded: true, ..Completion::default() });
     };
-    let Claim { id, batch, kind, round, priority, minor, patch, output_key, superseded } = claim;
-    let kind = JobKind::parse(&kind).ok_or_else(|| DbError::Invalid(format!("job {id} kind {kind}")))?;
-    let mut done = Completion { batch_number: batch, superseded, ..Completion::default() };
+    let Claim { id, batch, kind: kind_name, round, circuit_id, priority, minor, patch, output_key, superseded } = claim;
+    let kind = JobKind::parse(&kind_name).ok_or_else(|| DbError::Invalid(format!("job {id} kind {kind_name}")))?;
+    let job = JobLabels { kind: kind_name, round, circuit_id };
+    let mut done = Completion { batch_number: batch, job, superseded, ..Completion::default() };
     match (kind, round) {
         (JobKind::WitnessGeneration, 0) => {
             let geometry: Vec<i32> = sqlx::query_scalar("SELECT geometry FROM batches WHERE batch_number = $1")
@@ -596,9 +621,12 @@ pub async fn end_lease(
         fail_batch(&mut tx, batch, &what).await?;
     }
     tx.commit().await?;
-    Ok(Some(Ended { lease_id: lease, batch_number: batch, holder, job_failed }))
+    let job = JobLabels { kind, round, circuit_id: circuit };
+    Ok(Some(Ended { lease_id: lease, batch_number: batch, job, holder, job_failed }))
 }
 
+/// Fails a proving batch with `error`; its waiting and queued jobs fail too (leased ones finish
+/// or expire, and their results are refused).
 async fn fail_batch(tx: &mut Transaction<'_, Postgres>, batch: i64, error: &str) -> Result<(), DbError> {
     sqlx::query(
         "UPDATE batches SET status = 'failed', error = $2, finished_at = now()
@@ -641,7 +669,8 @@ pub async fn rounds(pool: &PgPool, batch: i64) -> Result<Vec<RoundRow>, DbError>
         "SELECT aggregation_round, count(*) AS total,
                 count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
                 count(*) FILTER (WHERE status = 'failed') AS failed,
-                count(*) FILTER (WHERE status = 'leased') AS in_progress
+                count(*) FILTER (WHERE status = 'leased') AS in_progress,
+                count(*) FILTER (WHERE status = 'queued') AS queued
          FROM jobs WHERE batch_number = $1 AND kind <> 'witness_generation'
          GROUP BY aggregation_round ORDER BY aggregation_round",
     )

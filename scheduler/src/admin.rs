@@ -1,0 +1,243 @@
+//! `Admin`, for operators: batches with progress per round, jobs, connected workers and the
+//! queue depth; requeue a stuck job, cancel a batch, set a batch's priority, drain a worker.
+//! Every change is logged (`admin:` lines at WARN) and wakes the dispatcher.
+
+use std::sync::Arc;
+
+use proofmesh_proto::v1;
+use tonic::{Request, Response, Status};
+
+use crate::batches::{batch_status, internal, to_status};
+use crate::db::{self, JobFilter, JobRow, Requeue};
+use crate::graph::JobKind;
+use crate::state::Shared;
+
+/// The `Admin` service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    shared: Arc<Shared>,
+}
+
+impl AdminService {
+    /// The service over `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        AdminService { shared }
+    }
+
+    async fn status(&self, number: i64) -> Result<v1::BatchStatus, Status> {
+        batch_status(&self.shared, number)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("batch {number} was never submitted")))
+    }
+}
+
+const STATUSES: [&str; 5] = ["waiting", "queued", "leased", "succeeded", "failed"];
+
+fn ms(v: Option<i64>) -> u64 {
+    v.unwrap_or(0).max(0) as u64
+}
+
+fn job_message(j: JobRow) -> v1::Job {
+    v1::Job {
+        id: j.id as u64,
+        job: Some(v1::JobIdentity {
+            kind: JobKind::parse(&j.kind).map_or(0, |k| k.to_proto() as i32),
+            batch_number: j.batch_number as u32,
+            aggregation_round: j.aggregation_round as u32,
+            circuit_id: j.circuit_id as u32,
+            depth: j.depth as u32,
+            sequence_number: j.sequence_number as u32,
+        }),
+        protocol_version: Some(v1::ProtocolVersion { minor: j.protocol_minor as u32, patch: j.protocol_patch as u32 }),
+        status: j.status,
+        attempts: j.attempts as u32,
+        max_attempts: j.max_attempts as u32,
+        priority: j.priority,
+        lease_id: j.lease_id.map(|l| l.to_string()).unwrap_or_default(),
+        worker_id: j.leased_to.unwrap_or_default(),
+        lease_deadline_unix_ms: ms(j.deadline_ms),
+        error: j.error.unwrap_or_default(),
+        queued_unix_ms: ms(j.queued_ms),
+        leased_unix_ms: ms(j.leased_ms),
+        finished_unix_ms: ms(j.finished_ms),
+        compute_secs: j.compute_secs.unwrap_or(0.0),
+    }
+}
+
+#[tonic::async_trait]
+impl v1::admin_server::Admin for AdminService {
+    async fn list_batches(
+        &self,
+        request: Request<v1::ListBatchesRequest>,
+    ) -> Result<Response<v1::ListBatchesResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => 100,
+            n => i64::from(n.min(10_000)),
+        };
+        let rows = db::batches(&self.shared.pool, limit).await.map_err(internal)?;
+        let mut batches = Vec::with_capacity(rows.len());
+        for row in rows {
+            let rounds = db::rounds(&self.shared.pool, row.batch_number).await.map_err(internal)?;
+            batches.push(to_status(row, rounds));
+        }
+        Ok(Response::new(v1::ListBatchesResponse { batches }))
+    }
+
+    async fn get_batch(&self, request: Request<v1::GetBatchRequest>) -> Result<Response<v1::BatchStatus>, Status> {
+        Ok(Response::new(self.status(i64::from(request.into_inner().batch_number)).await?))
+    }
+
+    async fn list_jobs(&self, request: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+        let r = request.into_inner();
+        if !r.status.is_empty() && !STATUSES.contains(&r.status.as_str()) {
+            return Err(Status::invalid_argument(format!("status must be one of {STATUSES:?} or empty, not {:?}", r.status)));
+        }
+        let after_id = match r.page_token.as_str() {
+            "" => 0,
+            t => t.parse::<i64>().map_err(|_| Status::invalid_argument(format!("page_token {t:?} is not one this server gave")))?,
+        };
+        let limit = match r.page_size {
+            0 => 100,
+            n => i64::from(n.min(1000)),
+        };
+        let small = |v: Option<u32>, what: &str| {
+            v.map(|x| i16::try_from(x).map_err(|_| Status::invalid_argument(format!("{what} {x} is out of range"))))
+                .transpose()
+        };
+        let filter = JobFilter {
+            batch: (r.batch_number != 0).then_some(i64::from(r.batch_number)),
+            round: small(r.aggregation_round, "aggregation_round")?,
+            circuit_id: small(r.circuit_id, "circuit_id")?,
+            status: (!r.status.is_empty()).then_some(r.status),
+            after_id,
+            limit,
+        };
+        let rows = db::jobs(&self.shared.pool, &filter).await.map_err(internal)?;
+        let next_page_token = if rows.len() as i64 == limit { rows.last().map(|j| j.id.to_string()).unwrap_or_default() } else { String::new() };
+        Ok(Response::new(v1::ListJobsResponse { jobs: rows.into_iter().map(job_message).collect(), next_page_token }))
+    }
+
+    async fn list_workers(&self, _: Request<v1::ListWorkersRequest>) -> Result<Response<v1::ListWorkersResponse>, Status> {
+        let mut workers: Vec<v1::Worker> = self
+            .shared
+            .registry()
+            .all()
+            .into_iter()
+            .map(|c| v1::Worker {
+                id: c.id.clone(),
+                name: c.name.clone(),
+                role: c.role as i32,
+                zone: c.zone.clone(),
+                region: c.region.clone(),
+                host: c.host.clone(),
+                capacity: c.capacity,
+                credits: c.credits,
+                slots_used: c.slots_used,
+                leases_held: 0,
+                last_heartbeat_unix_ms: 0,
+                draining: c.draining,
+                prover_endpoint: c.prover_endpoint.clone(),
+            })
+            .collect();
+        let ids: Vec<String> = workers.iter().map(|w| w.id.clone()).collect();
+        for (id, seen_ms, held) in db::worker_activity(&self.shared.pool, &ids).await.map_err(internal)? {
+            if let Some(w) = workers.iter_mut().find(|w| w.id == id) {
+                w.last_heartbeat_unix_ms = seen_ms.max(0) as u64;
+                w.leases_held = held as u32;
+            }
+        }
+        Ok(Response::new(v1::ListWorkersResponse { workers }))
+    }
+
+    async fn get_queue_depth(
+        &self,
+        _: Request<v1::GetQueueDepthRequest>,
+    ) -> Result<Response<v1::GetQueueDepthResponse>, Status> {
+        let (rows, oldest) = db::queue_depth(&self.shared.pool).await.map_err(internal)?;
+        let depths = rows
+            .into_iter()
+            .map(|d| v1::QueueDepth {
+                aggregation_round: d.aggregation_round as u32,
+                circuit_id: d.circuit_id as u32,
+                protocol_version: Some(v1::ProtocolVersion { minor: d.protocol_minor as u32, patch: d.protocol_patch as u32 }),
+                kind: JobKind::parse(&d.kind).map_or(0, |k| k.to_proto() as i32),
+                status: d.status,
+                jobs: d.jobs as u32,
+            })
+            .collect();
+        Ok(Response::new(v1::GetQueueDepthResponse { depths, oldest_queued_age_secs: oldest }))
+    }
+
+    async fn requeue_job(&self, request: Request<v1::RequeueJobRequest>) -> Result<Response<v1::Job>, Status> {
+        let r = request.into_inner();
+        let id = i64::try_from(r.job_id).map_err(|_| Status::invalid_argument("job_id out of range"))?;
+        let reason = format!("requeued by an operator: {}", if r.reason.is_empty() { "no reason given" } else { &r.reason });
+        match db::requeue(&self.shared.pool, id, &reason).await.map_err(internal)? {
+            Requeue::NotFound => return Err(Status::not_found(format!("no job {id}"))),
+            Requeue::NotLeased(status) => {
+                return Err(Status::failed_precondition(format!("job {id} is {status}: only a leased job can be requeued")))
+            }
+            Requeue::Requeued((lease, holder), batch) => {
+                tracing::warn!(job = id, %lease, holder = holder.as_deref().unwrap_or(""), "admin: {reason}");
+                self.shared.registry().lease_taken_away(lease, holder.as_deref());
+                if let Some(holder) = &holder {
+                    self.shared.revoke(holder, lease, &reason);
+                }
+                self.shared.batch_changed(batch);
+                self.shared.wake_dispatcher();
+            }
+        }
+        let job = db::job(&self.shared.pool, id).await.map_err(internal)?.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
+        Ok(Response::new(job_message(job)))
+    }
+
+    async fn cancel_batch(&self, request: Request<v1::CancelBatchRequest>) -> Result<Response<v1::BatchStatus>, Status> {
+        let r = request.into_inner();
+        let number = i64::from(r.batch_number);
+        let error = format!("cancelled by an operator: {}", if r.reason.is_empty() { "no reason given" } else { &r.reason });
+        let Some(taken) = db::cancel_batch(&self.shared.pool, number, &error).await.map_err(internal)? else {
+            let status = self.status(number).await?;
+            return Err(Status::failed_precondition(format!(
+                "batch {number} is {}: only a proving batch can be cancelled",
+                v1::BatchState::try_from(status.state).map_or("unknown", |s| s.as_str_name())
+            )));
+        };
+        tracing::warn!(batch = number, leases_revoked = taken.len(), "admin: {error}");
+        for (lease, holder) in taken {
+            self.shared.registry().lease_taken_away(lease, holder.as_deref());
+            if let Some(holder) = &holder {
+                self.shared.revoke(holder, lease, &error);
+            }
+        }
+        self.shared.batch_changed(number);
+        self.shared.wake_dispatcher();
+        Ok(Response::new(self.status(number).await?))
+    }
+
+    async fn set_batch_priority(
+        &self,
+        request: Request<v1::SetBatchPriorityRequest>,
+    ) -> Result<Response<v1::BatchStatus>, Status> {
+        let r = request.into_inner();
+        let number = i64::from(r.batch_number);
+        if !db::set_batch_priority(&self.shared.pool, number, r.priority).await.map_err(internal)? {
+            return Err(Status::not_found(format!("batch {number} was never submitted")));
+        }
+        tracing::warn!(batch = number, priority = r.priority, "admin: batch priority set");
+        self.shared.wake_dispatcher();
+        Ok(Response::new(self.status(number).await?))
+    }
+
+    async fn drain_worker(&self, request: Request<v1::DrainWorkerRequest>) -> Result<Response<v1::ListWorkersResponse>, Status> {
+        let who = request.into_inner().worker;
+        let drained = self.shared.registry().drain(&who);
+        if drained.is_empty() {
+            return Err(Status::not_found(format!("no connected worker has the id or name {who:?}")));
+        }
+        tracing::warn!(worker = who, connections = ?drained, "admin: worker drained");
+        let all = self.list_workers(Request::new(v1::ListWorkersRequest {})).await?.into_inner();
+        let workers = all.workers.into_iter().filter(|w| drained.contains(&w.id)).collect();
+        Ok(Response::new(v1::ListWorkersResponse { workers }))
+    }
+}

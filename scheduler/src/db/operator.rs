@@ -1,0 +1,249 @@
+//! The SQL behind `Admin`: what operators read (jobs, queue depth, worker activity) and the
+//! changes they make (requeue a job, cancel a batch, set a batch's priority). Every change is one
+//! transaction that records the leases it ends in `leases`, like the worker-driven transitions.
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{fail_batch, DbError};
+
+/// A job as `Admin.ListJobs` shows it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct JobRow {
+    /// `jobs.id`.
+    pub id: i64,
+    /// Batch number.
+    pub batch_number: i64,
+    /// `witness_generation`, `proving` or `compression`.
+    pub kind: String,
+    /// 0..=5.
+    pub aggregation_round: i16,
+    /// Circuit id.
+    pub circuit_id: i16,
+    /// Node depth.
+    pub depth: i16,
+    /// Sequence number.
+    pub sequence_number: i32,
+    /// waiting, queued, leased, succeeded, failed.
+    pub status: String,
+    /// Attempts so far.
+    pub attempts: i32,
+    /// Its limit.
+    pub max_attempts: i32,
+    /// Priority (its batch's).
+    pub priority: i32,
+    /// Protocol version, minor.
+    pub protocol_minor: i32,
+    /// Protocol version, patch.
+    pub protocol_patch: i32,
+    /// The current lease.
+    pub lease_id: Option<Uuid>,
+    /// The connection holding it.
+    pub leased_to: Option<String>,
+    /// Lease deadline, Unix milliseconds.
+    pub deadline_ms: Option<i64>,
+    /// Last error.
+    pub error: Option<String>,
+    /// Unix milliseconds.
+    pub queued_ms: Option<i64>,
+    /// Unix milliseconds.
+    pub leased_ms: Option<i64>,
+    /// Unix milliseconds.
+    pub finished_ms: Option<i64>,
+    /// CPU seconds reported.
+    pub compute_secs: Option<f64>,
+}
+
+const JOB_COLUMNS: &str = "id, batch_number, kind, aggregation_round, circuit_id, depth, sequence_number, status,
+     attempts, max_attempts, priority, protocol_minor, protocol_patch, lease_id, leased_to,
+     (extract(epoch FROM lease_deadline) * 1000)::bigint AS deadline_ms, error,
+     (extract(epoch FROM queued_at) * 1000)::bigint AS queued_ms,
+     (extract(epoch FROM leased_at) * 1000)::bigint AS leased_ms,
+     (extract(epoch FROM finished_at) * 1000)::bigint AS finished_ms, compute_secs";
+
+/// Which jobs `Admin.ListJobs` lists: `None` matches any; ids above `after_id`, at most `limit`.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    /// Batch number.
+    pub batch: Option<i64>,
+    /// 0..=5.
+    pub round: Option<i16>,
+    /// Circuit id.
+    pub circuit_id: Option<i16>,
+    /// Status.
+    pub status: Option<String>,
+    /// The page starts after this job id.
+    pub after_id: i64,
+    /// Page size.
+    pub limit: i64,
+}
+
+/// Jobs matching `f`, by id.
+pub async fn jobs(pool: &PgPool, f: &JobFilter) -> Result<Vec<JobRow>, DbError> {
+    let sql = format!(
+        "SELECT {JOB_COLUMNS} FROM jobs
+         WHERE ($1::bigint IS NULL OR batch_number = $1) AND ($2::smallint IS NULL OR aggregation_round = $2)
+           AND ($3::smallint IS NULL OR circuit_id = $3) AND ($4::text IS NULL OR status = $4) AND id > $5
+         ORDER BY id LIMIT $6"
+    );
+    Ok(sqlx::query_as::<_, JobRow>(sqlx::AssertSqlSafe(sql))
+        .bind(f.batch)
+        .bind(f.round)
+        .bind(f.circuit_id)
+        .bind(&f.status)
+        .bind(f.after_id)
+        .bind(f.limit)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// One job, or `None`.
+pub async fn job(pool: &PgPool, id: i64) -> Result<Option<JobRow>, DbError> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
+    Ok(sqlx::query_as::<_, JobRow>(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(pool).await?)
+}
+
+/// Unfinished jobs of one (round, circuit id, protocol version, kind) in one status.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DepthRow {
+    /// 0..=5.
+    pub aggregation_round: i16,
+    /// Circuit id.
+    pub circuit_id: i16,
+    /// Protocol version, minor.
+    pub protocol_minor: i32,
+    /// Protocol version, patch.
+    pub protocol_patch: i32,
+    /// Job kind.
+    pub kind: String,
+    /// waiting, queued or leased.
+    pub status: String,
+    /// How many.
+    pub jobs: i64,
+}
+
+/// The queue depth, from the unfinished jobs (an index covers them, so it stays cheap as the
+/// table grows), and the age of the oldest queued job in seconds (0 if none).
+pub async fn queue_depth(pool: &PgPool) -> Result<(Vec<DepthRow>, f64), DbError> {
+    let rows = sqlx::query_as::<_, DepthRow>(
+        "SELECT aggregation_round, circuit_id, protocol_minor, protocol_patch, kind, status, count(*) AS jobs
+         FROM jobs WHERE status IN ('waiting', 'queued', 'leased')
+         GROUP BY aggregation_round, circuit_id, protocol_minor, protocol_patch, kind, status
+         ORDER BY aggregation_round, circuit_id, protocol_minor, protocol_patch, kind, status",
+    )
+    .fetch_all(pool)
+    .await?;
+    let oldest: f64 = sqlx::query_scalar(
+        "SELECT COALESCE(extract(epoch FROM now() - min(queued_at)), 0)::float8 FROM jobs WHERE status = 'queued'",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((rows, oldest))
+}
+
+/// Per connection id: last heartbeat (Unix milliseconds) and leases attached to it now.
+pub async fn worker_activity(pool: &PgPool, ids: &[String]) -> Result<Vec<(String, i64, i64)>, DbError> {
+    Ok(sqlx::query_as(
+        "SELECT w.id, (extract(epoch FROM w.last_seen) * 1000)::bigint,
+                (SELECT count(*) FROM jobs j WHERE j.leased_to = w.id AND j.status = 'leased')
+         FROM workers w WHERE w.id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// A lease an operator's change ended: its id and the connection that held it, to revoke there.
+pub type TakenLease = (Uuid, Option<String>);
+
+/// What `requeue` did.
+#[derive(Debug)]
+pub enum Requeue {
+    /// No such job.
+    NotFound,
+    /// Only a leased job can be requeued; it is in this status.
+    NotLeased(String),
+    /// Queued again; the lease that was taken away, and the batch.
+    Requeued(TakenLease, i64),
+}
+
+/// Takes a leased job's lease away (outcome `superseded`, with `reason`) and queues the job
+/// again without spending the attempt.
+pub async fn requeue(pool: &PgPool, job: i64, reason: &str) -> Result<Requeue, DbError> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(String, Option<Uuid>, Option<String>, i64)> =
+        sqlx::query_as("SELECT status, lease_id, leased_to, batch_number FROM jobs WHERE id = $1 FOR UPDATE")
+            .bind(job)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((status, lease, holder, batch)) = row else { return Ok(Requeue::NotFound) };
+    let Some(lease) = lease.filter(|_| status == "leased") else { return Ok(Requeue::NotLeased(status)) };
+    sqlx::query("UPDATE leases SET outcome = 'superseded', ended_at = now(), error = $2 WHERE lease_id = $1 AND outcome IS NULL")
+        .bind(lease)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE jobs SET status = 'queued', lease_id = NULL, leased_to = NULL, lease_deadline = NULL,
+                         attempts = attempts - 1, queued_at = now(), error = $2
+         WHERE id = $1",
+    )
+    .bind(job)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Requeue::Requeued((lease, holder), batch))
+}
+
+/// Fails a proving batch with `error`: its waiting and queued jobs fail, its leased jobs fail
+/// and their leases end (outcome `superseded`). `None` if the batch is not proving (unknown,
+/// proven or failed already); otherwise the leases taken away.
+pub async fn cancel_batch(pool: &PgPool, batch: i64, error: &str) -> Result<Option<Vec<TakenLease>>, DbError> {
+    let mut tx = pool.begin().await?;
+    let proving: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM batches WHERE batch_number = $1 AND status = 'proving' FOR UPDATE)")
+            .bind(batch)
+            .fetch_one(&mut *tx)
+            .await?;
+    if !proving {
+        return Ok(None);
+    }
+    fail_batch(&mut tx, batch, error).await?;
+    let taken: Vec<TakenLease> = sqlx::query_as(
+        "WITH old AS (SELECT id, lease_id, leased_to FROM jobs WHERE batch_number = $1 AND status = 'leased' FOR UPDATE)
+         UPDATE jobs SET status = 'failed', error = 'batch cancelled', finished_at = now(),
+                         lease_id = NULL, leased_to = NULL, lease_deadline = NULL
+         FROM old WHERE jobs.id = old.id
+         RETURNING old.lease_id, old.leased_to",
+    )
+    .bind(batch)
+    .fetch_all(&mut *tx)
+    .await?;
+    let ids: Vec<Uuid> = taken.iter().map(|(l, _)| *l).collect();
+    sqlx::query("UPDATE leases SET outcome = 'superseded', ended_at = now(), error = 'batch cancelled' WHERE lease_id = ANY($1)")
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(Some(taken))
+}
+
+/// Sets a batch's priority and its unfinished jobs'. Returns whether the batch exists.
+pub async fn set_batch_priority(pool: &PgPool, batch: i64, priority: i32) -> Result<bool, DbError> {
+    let mut tx = pool.begin().await?;
+    let found = sqlx::query("UPDATE batches SET priority = $2 WHERE batch_number = $1")
+        .bind(batch)
+        .bind(priority)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+        == 1;
+    sqlx::query("UPDATE jobs SET priority = $2 WHERE batch_number = $1 AND status IN ('waiting', 'queued', 'leased')")
+        .bind(batch)
+        .bind(priority)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(found)
+}
