@@ -17,7 +17,7 @@ pub fn init_logs(default: &str) {
 
 /// The metric names every process may export (Prometheus conventions: base units, `_total`
 /// counters). Labels: `aggregation_round` (0..4, 5 compression), `circuit_id`,
-/// `protocol_version` (`0.1`), `status` (waiting, queued, leased), `kind` (witness_generation,
+/// `protocol_version` (`0.1.0`), `status` (waiting, queued, leased), `kind` (witness_generation,
 /// proving, compression), `outcome`, `stage`, `role`, `zone`, `direction`.
 pub mod names {
     /// Gauge, scheduler: unfinished jobs by aggregation_round, circuit_id, protocol_version, kind, status.

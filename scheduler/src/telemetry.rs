@@ -56,7 +56,8 @@ async fn refresh(shared: &Shared, previous: &BTreeSet<Labels>) -> Result<BTreeSe
         let labels: Labels = vec![
             ("aggregation_round", d.aggregation_round.to_string()),
             ("circuit_id", d.circuit_id.to_string()),
-            ("protocol_version", format!("{}.{}", d.protocol_minor, d.protocol_patch)),
+            // As zkSync Era writes it: 0.<minor>.<patch> (ProtocolVersion's Display).
+            ("protocol_version", format!("0.{}.{}", d.protocol_minor, d.protocol_patch)),
             ("kind", d.kind),
             ("status", d.status),
         ];
