@@ -53,6 +53,7 @@ pub async fn serve(
         .add_service(v1::batches_server::BatchesServer::new(batches::BatchService::new(shared.clone())))
         .add_service(v1::admin_server::AdminServer::new(admin::AdminService::new(shared.clone())));
     let (router, health) = proofmesh_proto::reflection_and_health(router)?;
+    readiness::not_serving(&health).await;
     let readiness = tokio::spawn(readiness::run(shared.clone(), health, cancel.clone()));
     let gauges = tokio::spawn(telemetry::run(shared.clone(), cancel.clone()));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);

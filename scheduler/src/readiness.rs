@@ -19,10 +19,15 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The services whose status follows the database.
 const SERVICES: [&str; 4] = ["", "proofmesh.v1.Scheduler", "proofmesh.v1.Batches", "proofmesh.v1.Admin"];
 
-/// Runs until `cancel`; starts `NOT_SERVING`.
+/// Marks every service `NOT_SERVING`: call before the server starts, so no check can see the
+/// reporter's initial `SERVING`.
+pub async fn not_serving(health: &HealthReporter) {
+    set(health, ServingStatus::NotServing).await;
+}
+
+/// Probes PostgreSQL and sets the statuses until `cancel`.
 pub async fn run(shared: Arc<Shared>, health: HealthReporter, cancel: CancellationToken) {
-    let mut last = None;
-    set(&health, ServingStatus::NotServing).await;
+    let mut last = Some(ServingStatus::NotServing);
     loop {
         let probe = tokio::time::timeout(PROBE_TIMEOUT, sqlx::query("SELECT 1").execute(&shared.pool)).await;
         let status = match probe {

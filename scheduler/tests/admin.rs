@@ -182,3 +182,22 @@ async fn grpcurl_lists_the_services_checks_health_and_calls_admin() {
     assert!(depth.contains("\"status\": \"leased\""), "{depth}");
     assert!(workers.contains("ROLE_WITNESS_GENERATOR") && workers.contains(&wg.id), "{workers}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_serving_while_postgresql_cannot_be_reached() {
+    // A pool whose server is not there (port 1 on loopback refuses at once).
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/nowhere")
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let s = serve_on(pool, settings(), listener);
+    let channel = tonic::transport::Endpoint::from_shared(s.url.clone()).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(channel);
+    // Give the first probe time to fail; the answer must stay NOT_SERVING.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for service in ["", "proofmesh.v1.Scheduler", "proofmesh.v1.Admin"] {
+        let status = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status;
+        assert_eq!(status, ServingStatus::NotServing as i32, "service {service:?}");
+    }
+}
