@@ -30,6 +30,7 @@ build:
 test:
 	$(CARGO) build --workspace --bins
 	scripts/test-tools.sh
+	scripts/chart-test.sh
 	PATH="$(CURDIR)/.venv/bin:$$PATH" scripts/with-postgres.sh $(CARGO) test --workspace
 	SETUP_DIR=target/tmp/setup-cache scripts/chaos.sh --short
 

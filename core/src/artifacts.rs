@@ -89,12 +89,7 @@ impl ArtifactStore for LocalStore {
             tokio::fs::create_dir_all(dir).await.map_err(io)?;
         }
         // A unique temporary name per writer, then an atomic rename over the key.
-        let tmp = path.with_file_name(format!(
-            ".{}.tmp-{}-{}",
-            path.file_name().and_then(|n| n.to_str()).unwrap_or("artifact"),
-            std::process::id(),
-            TMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
+        let tmp = temporary_path(&path);
         tokio::fs::write(&tmp, bytes).await.map_err(io)?;
         tokio::fs::rename(&tmp, &path).await.map_err(io)
     }
@@ -111,7 +106,15 @@ impl ArtifactStore for LocalStore {
     }
 }
 
-static TMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// A temporary file name beside `path` (`.<name>.tmp-<random>`), unique per writer even among
+/// containers that share a volume and all run as pid 1: write there, then rename over `path`.
+pub fn temporary_path(path: &std::path::Path) -> std::path::PathBuf {
+    path.with_file_name(format!(
+        ".{}.tmp-{:016x}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        rand::random::<u64>()
+    ))
+}
 
 /// The artifact keys of a batch's jobs. One function per artifact kind, used by the scheduler
 /// (which records them) and the workers (which read and write them).
