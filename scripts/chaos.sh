@@ -101,7 +101,8 @@ for n in "${BATCHES[@]}"; do
   f=$(printf "$DIR/batches/batch_%06d.bin" "$n")
   cp "$f" "$DIR/inbox/.$(basename "$f")" && mv "$DIR/inbox/.$(basename "$f")" "$DIR/inbox/$(basename "$f")"
 done
-"$BIN/proofmesh-gateway" --scheduler "$SCHED" --data-dir "$DATA" --inbox "$DIR/inbox" --outbox "$DIR/outbox" \
+# A run that hangs is a failure, not a CI timeout: the gateway gets 15 min (short) or 30.
+timeout "$(( SHORT == 1 ? 900 : 1800 ))" "$BIN/proofmesh-gateway" --scheduler "$SCHED" --data-dir "$DATA" --inbox "$DIR/inbox" --outbox "$DIR/outbox" \
   --once >"$LOGS/gateway.out" 2>"$LOGS/gateway.log" &
 GATEWAY=$!
 say "cluster up: batches ${BATCHES[*]}, leases ${LEASE} s, heartbeats ${HEARTBEAT_MS} ms, reconnect grace ${GRACE} s"
@@ -154,6 +155,8 @@ kill_holder() { # label, name prefix, kind, timeout
 
 SKIPPED=0
 kill_holder "witness generator killed mid-job" wg witness_generation 60
+# If it never got the lease (skipped), it is still frozen: let it work.
+kill -CONT "${PID[wg-a]}" 2>/dev/null || true
 kill_holder "WVG killed holding a lease" wvg proving 120
 kill_holder "prover killed mid-proof" prover proving 120
 

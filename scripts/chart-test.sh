@@ -153,6 +153,12 @@ ext = kinds(hpa, "HorizontalPodAutoscaler")[0]["spec"]["metrics"][0]["external"]
 check(ext["metric"]["name"] == "proofmesh_queue_depth" and ext["metric"]["selector"]["matchLabels"]["status"] == "queued", "keda=false", "HPA External metric")
 grouped = render({"workerPools": [{"name": "p", "role": "prover", "proverGroup": 3}]}, "proverGroup 3")
 check("--group=3" in container(kinds(grouped, "Deployment", "worker")[0])["args"], "proverGroup 3", "--group=3 passed")
+groups_toml = "[[group]]\nid = 3\ncircuits = [{ aggregation_round = 0, circuit_id = 1 }]\n"
+defined = render({"scheduler": {"proverGroups": groups_toml}}, "scheduler.proverGroups")
+check("--prover-groups=/etc/proofmesh/prover-groups.toml" in container(kinds(defined, "Deployment", "scheduler")[0])["args"],
+      "scheduler.proverGroups", "--prover-groups passed")
+check([c["data"]["prover-groups.toml"] for c in kinds(defined, "ConfigMap") if c["metadata"]["name"].endswith("prover-groups")] == [groups_toml],
+      "scheduler.proverGroups", "groups file in a ConfigMap, verbatim")
 
 # Bad values are refused (values.schema.json, or the chart's own checks).
 with helm.Chart.load(CHART) as chart:

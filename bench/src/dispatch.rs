@@ -38,6 +38,7 @@ pub async fn run(jobs: usize) -> anyhow::Result<()> {
         max_attempts: MaxAttempts::uniform(3),
         zone_policy: ZonePolicy::SameZoneOnly,
         heartbeat_ms: 10_000,
+        prover_groups: None,
     };
     let shared = Shared::new(pool.clone(), settings, Arc::new(LocalStore::new(data.path())));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -55,6 +56,7 @@ pub async fn run(jobs: usize) -> anyhow::Result<()> {
         capacity: 1,
         prover_endpoint: String::new(),
         protocol_versions: vec![],
+        prover_group: None,
     };
     let (client, mut leases) = LeaseClient::start(reg, cancel.clone());
     while client.worker_id().is_empty() {

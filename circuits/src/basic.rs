@@ -458,3 +458,14 @@ pub fn state_in(input: &BasicInput) -> [Digest; 2] {
         BasicInput::StorageApplication { root, access_commitment, .. } => [*root, *access_commitment],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scheduler_knows_every_basic_circuit_id() {
+        let ids: Vec<CircuitId> = BasicCircuit::ALL.iter().map(|c| c.id()).collect();
+        assert_eq!(ids, CircuitId::BASIC.to_vec());
+    }
+}

@@ -113,6 +113,7 @@ fn main() -> anyhow::Result<()> {
                     capacity,
                     prover_endpoint: String::new(),
                     protocol_versions: vec![],
+                    prover_group: None,
                 };
                 let stage = Arc::new(stage::Compressor {
                     artifacts: Arc::new(LocalStore::new(&data_dir)),

@@ -48,6 +48,13 @@ impl fmt::Display for ProtocolVersion {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CircuitId(pub u8);
 
+impl CircuitId {
+    /// The basic circuit types' ids (round 0, and the type aggregated in rounds 1 and 2), for
+    /// crates that schedule circuits without knowing them (`proofmesh_circuits::basic::BasicCircuit`
+    /// defines them; a test there keeps the two equal).
+    pub const BASIC: [CircuitId; 3] = [CircuitId(1), CircuitId(2), CircuitId(3)];
+}
+
 impl fmt::Display for CircuitId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.0)

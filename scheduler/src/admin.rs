@@ -138,6 +138,7 @@ impl v1::admin_server::Admin for AdminService {
                 last_heartbeat_unix_ms: 0,
                 draining: c.draining,
                 prover_endpoint: c.prover_endpoint.clone(),
+                prover_group: c.prover_group,
             })
             .collect();
         let ids: Vec<String> = workers.iter().map(|w| w.id.clone()).collect();

@@ -56,7 +56,7 @@ async fn dispatch_all(shared: &Shared) -> Result<(), db::DbError> {
 /// Tries to lease one job to `worker`. Returns whether it did.
 async fn dispatch_one(shared: &Shared, worker: &str) -> Result<bool, db::DbError> {
     // Decide under the lock what to ask for; never hold it across the database call.
-    let (kind, versions, prover) = {
+    let (kind, versions, pairs, prover) = {
         let reg = shared.registry();
         let Some(conn) = reg.get(worker) else { return Ok(false) };
         let Some(kind) = kind_of(conn.role) else { return Ok(false) };
@@ -64,7 +64,7 @@ async fn dispatch_one(shared: &Shared, worker: &str) -> Result<bool, db::DbError
             match reg.pick_prover(conn, shared.settings.zone_policy) {
                 Some(p) => {
                     let p = reg.get(&p).expect("picked from the registry");
-                    Some((p.id.clone(), p.prover_endpoint.clone(), p.versions.clone()))
+                    Some((p.id.clone(), p.prover_endpoint.clone(), p.versions.clone(), p.pairs.clone()))
                 }
                 None => return Ok(false),
             }
@@ -73,16 +73,24 @@ async fn dispatch_one(shared: &Shared, worker: &str) -> Result<bool, db::DbError
         };
         // A WVG lease must suit both the WVG and its prover.
         let versions = match &prover {
-            Some((_, _, pv)) if conn.versions.is_empty() => pv.clone(),
-            Some((_, _, pv)) if !pv.is_empty() => conn.versions.iter().copied().filter(|v| pv.contains(v)).collect(),
+            Some((_, _, pv, _)) if conn.versions.is_empty() => pv.clone(),
+            Some((_, _, pv, _)) if !pv.is_empty() => conn.versions.iter().copied().filter(|v| pv.contains(v)).collect(),
             _ => conn.versions.clone(),
         };
         if !conn.versions.is_empty() && versions.is_empty() {
             return Ok(false);
         }
-        (kind, versions, prover)
+        // ... and both prover groups (pick_prover only picks a prover that shares a pair).
+        let pairs = match &prover {
+            Some((_, _, _, pp)) => match crate::groups::intersect(&conn.pairs, pp) {
+                Some(p) => p,
+                None => return Ok(false),
+            },
+            None => conn.pairs.clone(),
+        };
+        (kind, versions, pairs, prover)
     };
-    let Some(job) = db::lease(&shared.pool, kind, worker, &versions, shared.settings.lease_secs).await? else {
+    let Some(job) = db::lease(&shared.pool, kind, worker, &versions, &pairs, shared.settings.lease_secs).await? else {
         return Ok(false);
     };
     let inputs = match kind {
@@ -92,7 +100,7 @@ async fn dispatch_one(shared: &Shared, worker: &str) -> Result<bool, db::DbError
     let mut lease = lease_message(&job, inputs);
     let sent = {
         let mut reg = shared.registry();
-        if let Some((id, endpoint, _)) = &prover {
+        if let Some((id, endpoint, _, _)) = &prover {
             lease.prover_endpoint = endpoint.clone();
             lease.prover_worker_id = id.clone();
             reg.hold_slot(id, job.lease_id);

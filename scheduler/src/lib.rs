@@ -5,6 +5,7 @@
 //! - [`graph`]: the jobs of a batch and their dependencies, from the geometry.
 //! - [`db`]: every SQL statement (compare-and-set transitions, leasing with `SKIP LOCKED`).
 //! - [`registry`]: the connected workers, their credits and prover slots; zone matching.
+//! - [`groups`]: prover groups (which `(aggregation_round, circuit_id)` pairs a worker takes).
 //! - [`dispatch`]: the task that turns queued jobs and credits into leases.
 //! - [`expiry`]: the timer that ends leases past their deadline.
 //! - [`readiness`]: `grpc.health.v1` statuses from PostgreSQL's reachability.
@@ -17,6 +18,7 @@ pub mod db;
 pub mod dispatch;
 pub mod expiry;
 pub mod graph;
+pub mod groups;
 pub mod readiness;
 pub mod registry;
 pub mod state;
@@ -28,6 +30,7 @@ use std::sync::Arc;
 use proofmesh_proto::v1;
 use tokio_util::sync::CancellationToken;
 
+pub use groups::ProverGroups;
 pub use registry::ZonePolicy;
 pub use state::{MaxAttempts, Settings, Shared};
 

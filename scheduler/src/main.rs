@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use proofmesh_core::{Geometry, LocalStore};
-use proofmesh_scheduler::{MaxAttempts, Settings, Shared, ZonePolicy};
+use proofmesh_scheduler::{MaxAttempts, ProverGroups, Settings, Shared, ZonePolicy};
 use tokio_util::sync::CancellationToken;
 
 /// A named geometry.
@@ -64,6 +64,11 @@ struct Args {
     /// Serve Prometheus metrics on this address (`http://ADDR/metrics`); off when unset.
     #[arg(long, env = "PROOFMESH_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Prover groups: a TOML file mapping group ids to (aggregation_round, circuit_id) pairs
+    /// (zkSync Era's fri_prover_group shape; see docs/scheduling.md). Workers started with
+    /// `--group N` take only group N's pairs.
+    #[arg(long, env = "PROOFMESH_PROVER_GROUPS")]
+    prover_groups: Option<std::path::PathBuf>,
     /// Database connections.
     #[arg(long, env = "PROOFMESH_DATABASE_CONNECTIONS", default_value_t = 16)]
     database_connections: u32,
@@ -102,6 +107,21 @@ async fn main() -> anyhow::Result<()> {
         [max_attempts.witness_generation, max_attempts.proving, max_attempts.compression].iter().all(|&n| n >= 1),
         "max attempts must be at least 1"
     );
+    let prover_groups = match &args.prover_groups {
+        Some(path) => {
+            let groups = ProverGroups::load(path)?;
+            let uncovered = groups.uncovered();
+            if !uncovered.is_empty() {
+                tracing::warn!(
+                    "prover groups {:?}: no group covers the (aggregation_round, circuit_id) pairs {uncovered:?}; \
+                     only WVGs and provers started without --group take them",
+                    groups.ids()
+                );
+            }
+            Some(groups)
+        }
+        None => None,
+    };
     let settings = Settings {
         geometry: match args.geometry {
             GeometryName::Default => Geometry::default(),
@@ -112,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
         max_attempts,
         zone_policy: if args.cross_zone { ZonePolicy::CrossZoneWhenNoneFree } else { ZonePolicy::SameZoneOnly },
         heartbeat_ms: args.heartbeat_interval_ms,
+        prover_groups,
     };
     let shared = Shared::new(pool, settings, Arc::new(LocalStore::new(&args.data_dir)));
     let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;

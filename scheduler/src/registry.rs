@@ -33,6 +33,10 @@ pub struct Conn {
     pub prover_endpoint: String,
     /// Packed protocol versions it accepts (empty: all).
     pub versions: Vec<i32>,
+    /// Its prover group, if any.
+    pub prover_group: Option<u32>,
+    /// Packed `(aggregation_round, circuit_id)` pairs it takes (empty: all), from its group.
+    pub pairs: Vec<crate::groups::PackedPair>,
     /// Leases it can still take.
     pub credits: u32,
     /// Provers: slots held by WVG leases.
@@ -123,12 +127,14 @@ impl Registry {
         ids
     }
 
-    /// The prover for a lease of `wvg`: one with a free slot on the same host first, then in the
+    /// The prover for a lease of `wvg`: one with a free slot that shares a pair with the WVG's
+    /// prover group (when both have one), on the same host first, then in the
     /// same zone, then (only under [`ZonePolicy::CrossZoneWhenNoneFree`]) any; among equals the
     /// one with the most free slots. `None` if no prover qualifies.
     pub fn pick_prover(&self, wvg: &Conn, policy: ZonePolicy) -> Option<String> {
         let mut best: Option<(u8, u32, &str)> = None;
-        for p in self.workers.values().filter(|p| p.role == Role::Prover && p.slots_used < p.capacity && !p.draining) {
+        let fits = |p: &Conn| crate::groups::intersect(&wvg.pairs, &p.pairs).is_some();
+        for p in self.workers.values().filter(|p| p.role == Role::Prover && p.slots_used < p.capacity && !p.draining && fits(p)) {
             let locality = match (p.zone == wvg.zone, p.host == wvg.host) {
                 (true, true) => 0,
                 (true, false) => 1,
@@ -204,6 +210,8 @@ mod tests {
             capacity,
             prover_endpoint: format!("http://{id}"),
             versions: vec![],
+            prover_group: None,
+            pairs: vec![],
             credits: 1,
             slots_used: 0,
             draining: false,

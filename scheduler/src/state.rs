@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use tokio::sync::{broadcast, Notify};
 
 use crate::graph::JobKind;
+use crate::groups::ProverGroups;
 use crate::registry::{Registry, ZonePolicy};
 
 /// Attempts a job of each kind gets before it (and its batch) fails. An attempt is a lease that
@@ -56,6 +57,8 @@ pub struct Settings {
     pub zone_policy: ZonePolicy,
     /// How often workers must heartbeat, milliseconds.
     pub heartbeat_ms: u32,
+    /// The `--prover-groups` file; `None`: no groups (a worker that names one is refused).
+    pub prover_groups: Option<ProverGroups>,
 }
 
 /// Shared by the gRPC services and the dispatcher.

@@ -70,6 +70,23 @@ impl v1::scheduler_server::Scheduler for WorkService {
         if role == Role::Prover && (reg.prover_endpoint.is_empty() || reg.capacity == 0) {
             return Err(Status::invalid_argument("a prover must register its prover_endpoint and a capacity >= 1"));
         }
+        let pairs = match (reg.prover_group, &self.shared.settings.prover_groups) {
+            (None, _) => vec![],
+            (Some(g), _) if role != Role::Wvg && role != Role::Prover => {
+                return Err(Status::invalid_argument(format!(
+                    "prover group {g}: groups are for WVGs and provers; a {} takes every job of its kind",
+                    role_name(role)
+                )))
+            }
+            (Some(g), None) => {
+                return Err(Status::invalid_argument(format!(
+                    "prover group {g} requested, but this scheduler has no --prover-groups file"
+                )))
+            }
+            (Some(g), Some(groups)) => groups.pairs(g).ok_or_else(|| {
+                Status::invalid_argument(format!("unknown prover group {g}: the scheduler's groups are {:?}", groups.ids()))
+            })?,
+        };
         let id = format!("{}-{}", role_name(role), &Uuid::new_v4().simple().to_string()[..12]);
         let name = if reg.name.is_empty() { id.clone() } else { reg.name.clone() };
         let endpoint = (!reg.prover_endpoint.is_empty()).then_some(reg.prover_endpoint.as_str());
@@ -102,6 +119,8 @@ impl v1::scheduler_server::Scheduler for WorkService {
             capacity: reg.capacity,
             prover_endpoint: reg.prover_endpoint.clone(),
             versions: reg.protocol_versions.iter().map(|v| (v.minor * 65536 + v.patch) as i32).collect(),
+            prover_group: reg.prover_group,
+            pairs,
             credits: 0,
             slots_used: 0,
             draining: false,

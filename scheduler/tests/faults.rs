@@ -141,6 +141,7 @@ fn registration(url: &str, capacity: u32) -> Registration {
         capacity,
         prover_endpoint: String::new(),
         protocol_versions: vec![],
+        prover_group: None,
     }
 }
 

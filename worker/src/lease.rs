@@ -42,6 +42,8 @@ pub struct Registration {
     pub prover_endpoint: String,
     /// Protocol versions accepted (empty: all).
     pub protocol_versions: Vec<v1::ProtocolVersion>,
+    /// WVGs and provers: the prover group whose pairs it takes (`None`: all).
+    pub prover_group: Option<u32>,
 }
 
 /// This machine's host name (`/etc/hostname`), `localhost` if it has none: what workers register
@@ -77,6 +79,10 @@ pub struct LeaseClient {
     draining: AtomicBool,
     /// Set by `Registered`.
     worker_id: Mutex<String>,
+    /// The scheduler refused the registration itself (an unknown prover group, a bad setting):
+    /// retrying cannot help. Cancelled with the reason in `refusal`.
+    refused: CancellationToken,
+    refusal: Mutex<Option<String>>,
 }
 
 fn msg(m: worker_message::Msg) -> v1::WorkerMessage {
@@ -95,10 +101,23 @@ impl LeaseClient {
             changed: Notify::new(),
             draining: AtomicBool::new(false),
             worker_id: Mutex::new(String::new()),
+            refused: CancellationToken::new(),
+            refusal: Mutex::new(None),
         });
         let (leases, rx) = mpsc::channel(1024);
         tokio::spawn(client.clone().supervise(leases, stop));
         (client, rx)
+    }
+
+    /// Cancelled when the scheduler refused the registration (see [`LeaseClient::refusal`]); the
+    /// client has stopped and the lease receiver is closed.
+    pub fn refused(&self) -> CancellationToken {
+        self.refused.clone()
+    }
+
+    /// Why the scheduler refused the registration, if it did.
+    pub fn refusal(&self) -> Option<String> {
+        self.refusal.lock().expect("poisoned").clone()
     }
 
     /// The id the scheduler gave this worker's current stream (empty before the first registration).
@@ -198,7 +217,16 @@ impl LeaseClient {
             match result {
                 Ok(()) if stop.is_cancelled() => return,
                 Ok(()) => tracing::warn!("scheduler stream closed; reconnecting"),
-                Err(e) => tracing::warn!("scheduler at {}: {e}; retrying in about {:?}", self.reg.scheduler, backoff.delay()),
+                Err(e) => {
+                    if let Some(status) = e.downcast_ref::<tonic::Status>().filter(|s| s.code() == tonic::Code::InvalidArgument) {
+                        let reason = format!("the scheduler refused this worker: {}", status.message());
+                        tracing::error!("{reason}");
+                        *self.refusal.lock().expect("poisoned") = Some(reason);
+                        self.refused.cancel();
+                        return;
+                    }
+                    tracing::warn!("scheduler at {}: {e}; retrying in about {:?}", self.reg.scheduler, backoff.delay())
+                }
             }
             if !backoff.wait(&stop).await {
                 return;
@@ -232,6 +260,7 @@ impl LeaseClient {
             protocol_versions: r.protocol_versions.clone(),
             name: r.name.clone(),
             held_leases: self.held(),
+            prover_group: r.prover_group,
         })))?;
         let mut inbound = client.work(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await?.into_inner();
         let first = inbound.message().await?.and_then(|m| m.msg);

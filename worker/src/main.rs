@@ -66,6 +66,11 @@ struct Args {
     /// Provers: the URL others reach it at; default `http://<listen address>`.
     #[arg(long, env = "PROOFMESH_ADVERTISE")]
     advertise: Option<String>,
+    /// WVGs and provers: the prover group whose (aggregation_round, circuit_id) pairs it takes,
+    /// from the scheduler's --prover-groups file; default: every pair. An unknown group stops the
+    /// worker with the scheduler's reason.
+    #[arg(long, env = "PROOFMESH_GROUP")]
+    group: Option<u32>,
     /// Serve Prometheus metrics on this address (`http://ADDR/metrics`); off when unset.
     #[arg(long, env = "PROOFMESH_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -105,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
         capacity: args.capacity,
         prover_endpoint: String::new(),
         protocol_versions: vec![],
+        prover_group: args.group,
     };
 
     if role == Role::Prover {
@@ -128,12 +134,15 @@ async fn main() -> anyhow::Result<()> {
         let (router, _serving) = proofmesh_proto::reflection_and_health(router)?;
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()));
-        drain.cancelled().await;
+        tokio::select! {
+            _ = drain.cancelled() => {}
+            _ = client.refused().cancelled_owned() => {}
+        }
         client.drain();
         runner::drain(&client, grace).await;
         stop.cancel();
         server.await??;
-        return Ok(());
+        return refused(&client);
     }
 
     let stage: Arc<dyn Stage> = match role {
@@ -141,7 +150,15 @@ async fn main() -> anyhow::Result<()> {
         _ => Arc::new(wvg::WitnessVectorGenerator { artifacts, setups, channels: Mutex::new(HashMap::new()) }),
     };
     let (client, leases) = LeaseClient::start(reg, stop.clone());
-    runner::run(client, leases, stage, drain, grace).await;
+    runner::run(client.clone(), leases, stage, drain, grace).await;
     stop.cancel();
-    Ok(())
+    refused(&client)
+}
+
+/// An error (exit 1) if the scheduler refused this worker's registration.
+fn refused(client: &LeaseClient) -> anyhow::Result<()> {
+    match client.refusal() {
+        Some(reason) => anyhow::bail!(reason),
+        None => Ok(()),
+    }
 }

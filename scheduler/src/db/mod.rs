@@ -236,13 +236,15 @@ pub async fn submit_batch(
 
 /// Leases the next queued job of `kind` to `worker`: highest priority, then lowest batch number,
 /// skipping rows other transactions hold (`FOR UPDATE SKIP LOCKED`). `versions` are packed
-/// protocol versions (`minor << 16 | patch`) the worker accepts; empty accepts all.
-/// Returns `None` when nothing is queued for it.
+/// protocol versions (`minor << 16 | patch`) the worker accepts, `pairs` packed
+/// `(aggregation_round, circuit_id)` pairs (`round << 8 | circuit_id`, its prover group); empty
+/// accepts all. Returns `None` when nothing is queued for it.
 pub async fn lease(
     pool: &PgPool,
     kind: JobKind,
     worker: &str,
     versions: &[i32],
+    pairs: &[i32],
     lease_secs: f64,
 ) -> Result<Option<LeasedJob>, DbError> {
     let job = sqlx::query_as::<_, LeasedJob>(
@@ -253,6 +255,7 @@ pub async fn lease(
                  SELECT id FROM jobs
                  WHERE status = 'queued' AND kind = $3
                    AND (cardinality($4::int[]) = 0 OR (protocol_minor * 65536 + protocol_patch) = ANY($4))
+                   AND (cardinality($6::int[]) = 0 OR (aggregation_round * 256 + circuit_id) = ANY($6))
                  ORDER BY priority DESC, batch_number, id
                  LIMIT 1 FOR UPDATE SKIP LOCKED)
              RETURNING *),
@@ -268,6 +271,7 @@ pub async fn lease(
     .bind(kind.as_str())
     .bind(versions)
     .bind(lease_secs)
+    .bind(pairs)
     .fetch_optional(pool)
     .await?;
     Ok(job)

@@ -58,6 +58,7 @@ pub fn settings() -> Settings {
         max_attempts: MaxAttempts::uniform(3),
         zone_policy: ZonePolicy::SameZoneOnly,
         heartbeat_ms: 1000,
+        prover_groups: None,
     }
 }
 
@@ -169,6 +170,7 @@ pub fn register(role: v1::Role, zone: &str, host: &str, capacity: u32, endpoint:
         protocol_versions: vec![],
         name: String::new(),
         held_leases: vec![],
+        prover_group: None,
     }
 }
 
