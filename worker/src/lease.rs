@@ -177,10 +177,14 @@ impl LeaseClient {
     /// Frees the slot `lease` took and grants the scheduler one more credit (unless draining).
     pub fn release(&self, lease: &str) {
         self.unhold(lease);
-        self.in_flight.fetch_sub(1, Ordering::SeqCst);
-        if !self.draining.load(Ordering::SeqCst) {
-            // If disconnected, the next registration grants every free slot again.
-            self.send_now(msg(worker_message::Msg::Credit(v1::Credit { n: 1 })));
+        {
+            // Under the stream's lock, so a registration counts this slot free exactly once:
+            // either its credit goes on the current stream, or the next registration grants it.
+            let out = self.out.lock().expect("poisoned");
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            if let (Some(tx), false) = (&*out, self.draining.load(Ordering::SeqCst)) {
+                let _ = tx.send(msg(worker_message::Msg::Credit(v1::Credit { n: 1 })));
+            }
         }
         self.changed.notify_waiters();
     }
@@ -270,16 +274,23 @@ impl LeaseClient {
         backoff.reset();
         *self.worker_id.lock().expect("poisoned") = registered.worker_id.clone();
         tracing::info!(worker = registered.worker_id, "registered with the scheduler");
-        if self.draining.load(Ordering::SeqCst) {
-            tx.send(msg(worker_message::Msg::Drain(v1::Drain {})))?;
-        } else if self.takes_leases() {
-            let free = self.reg.capacity.saturating_sub(self.in_flight.load(Ordering::SeqCst));
-            tx.send(msg(worker_message::Msg::Credit(v1::Credit { n: free })))?;
+        {
+            // Credits and the stream become current together (see `release`); pending reports
+            // are sent after the stream is current, so one queued meanwhile is not missed (it may
+            // go twice: the scheduler answers a repeated report the same way).
+            let mut out = self.out.lock().expect("poisoned");
+            if self.draining.load(Ordering::SeqCst) {
+                tx.send(msg(worker_message::Msg::Drain(v1::Drain {})))?;
+            } else if self.takes_leases() {
+                let free = self.reg.capacity.saturating_sub(self.in_flight.load(Ordering::SeqCst));
+                tx.send(msg(worker_message::Msg::Credit(v1::Credit { n: free })))?;
+            }
+            *out = Some(tx.clone());
         }
-        for report in self.pending.lock().expect("poisoned").values() {
-            tx.send(report.clone())?;
+        let pending: Vec<v1::WorkerMessage> = self.pending.lock().expect("poisoned").values().cloned().collect();
+        for report in pending {
+            tx.send(report)?;
         }
-        *self.out.lock().expect("poisoned") = Some(tx.clone());
 
         let beat = Duration::from_millis(registered.heartbeat_interval_ms.max(100).into());
         let mut ticker = tokio::time::interval(beat);
