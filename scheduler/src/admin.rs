@@ -181,10 +181,7 @@ impl v1::admin_server::Admin for AdminService {
             }
             Requeue::Requeued((lease, holder), batch) => {
                 tracing::warn!(job = id, %lease, holder = holder.as_deref().unwrap_or(""), "admin: {reason}");
-                self.shared.registry().lease_taken_away(lease, holder.as_deref());
-                if let Some(holder) = &holder {
-                    self.shared.revoke(holder, lease, &reason);
-                }
+                self.shared.take_away(lease, holder.as_deref(), &reason);
                 self.shared.batch_changed(batch);
                 self.shared.wake_dispatcher();
             }
@@ -206,10 +203,7 @@ impl v1::admin_server::Admin for AdminService {
         };
         tracing::warn!(batch = number, leases_revoked = taken.len(), "admin: {error}");
         for (lease, holder) in taken {
-            self.shared.registry().lease_taken_away(lease, holder.as_deref());
-            if let Some(holder) = &holder {
-                self.shared.revoke(holder, lease, &error);
-            }
+            self.shared.take_away(lease, holder.as_deref(), &error);
         }
         self.shared.batch_changed(number);
         self.shared.wake_dispatcher();

@@ -55,10 +55,7 @@ async fn expire_due(shared: &Shared) -> Result<(), DbError> {
         };
         tracing::warn!(%lease, holder = ended.holder.as_deref().unwrap_or(""), job_failed = ended.job_failed, "{reason}");
         crate::telemetry::lease_ended(&ended.job, "expired");
-        shared.registry().lease_taken_away(lease, ended.holder.as_deref());
-        if let Some(holder) = &ended.holder {
-            shared.revoke(holder, lease, &reason);
-        }
+        shared.take_away(lease, ended.holder.as_deref(), &reason);
         shared.batch_changed(ended.batch_number);
     }
     shared.wake_dispatcher();

@@ -106,6 +106,16 @@ impl Shared {
         self.wake.notify_one();
     }
 
+    /// A lease ended without its holder reporting (expired, superseded by a late result,
+    /// requeued or cancelled by an operator): its prover slot is freed unless the holder is that
+    /// prover ([`crate::registry::Registry::lease_taken_away`]), and the holder gets `Revoke`.
+    pub fn take_away(&self, lease: uuid::Uuid, holder: Option<&str>, reason: &str) {
+        self.registry().lease_taken_away(lease, holder);
+        if let Some(holder) = holder {
+            self.revoke(holder, lease, reason);
+        }
+    }
+
     /// Sends `Revoke` for `lease` to the worker connection `holder`, if it is connected.
     pub fn revoke(&self, holder: &str, lease: uuid::Uuid, reason: &str) {
         if let Some(conn) = self.registry().get(holder) {

@@ -274,10 +274,7 @@ async fn completed(shared: &Shared, worker: &str, c: v1::Completed, outbox: &Out
             if let Some((other, holder)) = &done.superseded {
                 crate::telemetry::lease_ended(&done.job, "superseded");
                 tracing::warn!(worker, %lease, superseded = %other, "late result accepted: the job's newer lease is revoked");
-                shared.registry().lease_taken_away(*other, holder.as_deref());
-                if let Some(holder) = holder {
-                    shared.revoke(holder, *other, "another lease of this job succeeded first");
-                }
+                shared.take_away(*other, holder.as_deref(), "another lease of this job succeeded first");
             }
             recorded(outbox, &c.lease_id).await;
             shared.batch_changed(done.batch_number);
