@@ -41,15 +41,8 @@ fn ms(v: Option<i64>) -> u64 {
 fn job_message(j: JobRow) -> v1::Job {
     v1::Job {
         id: j.id as u64,
-        job: Some(v1::JobIdentity {
-            kind: JobKind::parse(&j.kind).map_or(0, |k| k.to_proto() as i32),
-            batch_number: j.batch_number as u32,
-            aggregation_round: j.aggregation_round as u32,
-            circuit_id: j.circuit_id as u32,
-            depth: j.depth as u32,
-            sequence_number: j.sequence_number as u32,
-        }),
-        protocol_version: Some(v1::ProtocolVersion { minor: j.protocol_minor as u32, patch: j.protocol_patch as u32 }),
+        job: Some(j.job.to_proto()),
+        protocol_version: Some(j.job.version()),
         status: j.status,
         attempts: j.attempts as u32,
         max_attempts: j.max_attempts as u32,
@@ -161,7 +154,7 @@ impl v1::admin_server::Admin for AdminService {
             .map(|d| v1::QueueDepth {
                 aggregation_round: d.aggregation_round as u32,
                 circuit_id: d.circuit_id as u32,
-                protocol_version: Some(v1::ProtocolVersion { minor: d.protocol_minor as u32, patch: d.protocol_patch as u32 }),
+                protocol_version: Some(db::proto_version(d.protocol_minor, d.protocol_patch)),
                 kind: JobKind::parse(&d.kind).map_or(0, |k| k.to_proto() as i32),
                 status: d.status,
                 jobs: d.jobs as u32,

@@ -70,7 +70,7 @@ pub fn to_status(row: BatchRow, rounds: Vec<db::RoundRow>) -> v1::BatchStatus {
     v1::BatchStatus {
         batch_number: row.batch_number as u32,
         state: state as i32,
-        protocol_version: Some(v1::ProtocolVersion { minor: row.protocol_minor as u32, patch: row.protocol_patch as u32 }),
+        protocol_version: Some(db::proto_version(row.protocol_minor, row.protocol_patch)),
         rounds,
         error: row.error.unwrap_or_default(),
         created_unix_ms: row.created_ms as u64,

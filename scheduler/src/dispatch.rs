@@ -94,7 +94,7 @@ async fn dispatch_one(shared: &Shared, worker: &str) -> Result<bool, db::DbError
         return Ok(false);
     };
     let inputs = match kind {
-        JobKind::WitnessGeneration if job.aggregation_round > 0 => db::input_artifacts(&shared.pool, job.id).await?,
+        JobKind::WitnessGeneration if job.job.aggregation_round > 0 => db::input_artifacts(&shared.pool, job.id).await?,
         _ => job.input_key.clone().map(|k| vec![(k, 0)]).unwrap_or_default(),
     };
     let mut lease = lease_message(&job, inputs);
@@ -121,9 +121,9 @@ async fn dispatch_one(shared: &Shared, worker: &str) -> Result<bool, db::DbError
         return Ok(false);
     }
     tracing::debug!(worker, job = job.id, lease = %job.lease_id, "leased");
-    crate::telemetry::leased(&job.kind, job.waited_secs);
+    crate::telemetry::leased(&job.job.kind, job.waited_secs);
     shared.deadlines.notify_one();
-    shared.batch_changed(job.batch_number);
+    shared.batch_changed(job.job.batch_number);
     Ok(true)
 }
 
@@ -132,15 +132,8 @@ fn lease_message(job: &LeasedJob, inputs: Vec<(String, i16)>) -> v1::Lease {
     let geometry = db::geometry_from_row(&job.geometry).map(v1::Geometry::from).ok();
     v1::Lease {
         lease_id: job.lease_id.to_string(),
-        job: Some(v1::JobIdentity {
-            kind: JobKind::parse(&job.kind).map_or(0, |k| k.to_proto() as i32),
-            batch_number: job.batch_number as u32,
-            aggregation_round: job.aggregation_round as u32,
-            circuit_id: job.circuit_id as u32,
-            depth: job.depth as u32,
-            sequence_number: job.sequence_number as u32,
-        }),
-        protocol_version: Some(v1::ProtocolVersion { minor: job.protocol_minor as u32, patch: job.protocol_patch as u32 }),
+        job: Some(job.job.to_proto()),
+        protocol_version: Some(job.job.version()),
         geometry,
         deadline_unix_ms: job.deadline_ms as u64,
         input_depths: inputs.iter().map(|(_, d)| *d as u32).collect(),

@@ -29,16 +29,12 @@ pub enum DbError {
     Invalid(String),
 }
 
-/// A job handed to a worker.
+/// What a job is: the identity columns every job query reads (flattened into its row type).
 #[derive(Debug, Clone, sqlx::FromRow)]
-pub struct LeasedJob {
-    /// `jobs.id`.
-    pub id: i64,
-    /// The lease (fencing token).
-    pub lease_id: Uuid,
+pub struct JobIdentityRow {
     /// Batch number.
     pub batch_number: i64,
-    /// `jobs.kind`.
+    /// `witness_generation`, `proving` or `compression`.
     pub kind: String,
     /// 0..=5.
     pub aggregation_round: i16,
@@ -52,6 +48,42 @@ pub struct LeasedJob {
     pub protocol_minor: i32,
     /// Protocol version, patch.
     pub protocol_patch: i32,
+}
+
+impl JobIdentityRow {
+    /// As the API names a job.
+    pub fn to_proto(&self) -> proofmesh_proto::v1::JobIdentity {
+        proofmesh_proto::v1::JobIdentity {
+            kind: JobKind::parse(&self.kind).map_or(0, |k| k.to_proto() as i32),
+            batch_number: self.batch_number as u32,
+            aggregation_round: self.aggregation_round as u32,
+            circuit_id: self.circuit_id as u32,
+            depth: self.depth as u32,
+            sequence_number: self.sequence_number as u32,
+        }
+    }
+
+    /// Its protocol version, as the API gives it.
+    pub fn version(&self) -> proofmesh_proto::v1::ProtocolVersion {
+        proto_version(self.protocol_minor, self.protocol_patch)
+    }
+}
+
+/// A protocol version from its `protocol_minor`, `protocol_patch` columns, as the API gives it.
+pub fn proto_version(minor: i32, patch: i32) -> proofmesh_proto::v1::ProtocolVersion {
+    proofmesh_proto::v1::ProtocolVersion { minor: minor as u32, patch: patch as u32 }
+}
+
+/// A job handed to a worker.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LeasedJob {
+    /// `jobs.id`.
+    pub id: i64,
+    /// The lease (fencing token).
+    pub lease_id: Uuid,
+    /// What the job is.
+    #[sqlx(flatten)]
+    pub job: JobIdentityRow,
     /// The job's own input artifact, if any.
     pub input_key: Option<String>,
     /// The job's output artifact, if any.

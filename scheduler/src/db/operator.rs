@@ -5,25 +5,16 @@
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{fail_batch, DbError};
+use super::{fail_batch, DbError, JobIdentityRow};
 
 /// A job as `Admin.ListJobs` shows it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct JobRow {
     /// `jobs.id`.
     pub id: i64,
-    /// Batch number.
-    pub batch_number: i64,
-    /// `witness_generation`, `proving` or `compression`.
-    pub kind: String,
-    /// 0..=5.
-    pub aggregation_round: i16,
-    /// Circuit id.
-    pub circuit_id: i16,
-    /// Node depth.
-    pub depth: i16,
-    /// Sequence number.
-    pub sequence_number: i32,
+    /// What the job is.
+    #[sqlx(flatten)]
+    pub job: JobIdentityRow,
     /// waiting, queued, leased, succeeded, failed.
     pub status: String,
     /// Attempts so far.
@@ -32,10 +23,6 @@ pub struct JobRow {
     pub max_attempts: i32,
     /// Priority (its batch's).
     pub priority: i32,
-    /// Protocol version, minor.
-    pub protocol_minor: i32,
-    /// Protocol version, patch.
-    pub protocol_patch: i32,
     /// The current lease.
     pub lease_id: Option<Uuid>,
     /// The connection holding it.
