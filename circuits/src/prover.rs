@@ -66,6 +66,9 @@ pub struct JobReport {
     pub proof_bytes: usize,
     /// Peak resident memory of the process during the job, bytes (Linux; `None` elsewhere).
     pub peak_rss_bytes: Option<u64>,
+    /// Resident memory when the job started (its circuit's setup data loaded), bytes: the job's
+    /// own peak is `peak_rss_bytes - rss_before_bytes`.
+    pub rss_before_bytes: Option<u64>,
 }
 
 /// Resets the kernel's peak-RSS mark of this process (`/proc/self/clear_refs`, Linux >= 4.0).
@@ -73,10 +76,10 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// `VmHWM` of this process, bytes.
-fn peak_rss() -> Option<u64> {
+/// A `/proc/self/status` memory field (`VmHWM`, `VmRSS`) of this process, bytes.
+fn status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -84,6 +87,7 @@ fn peak_rss() -> Option<u64> {
 /// Runs one job: witness, witness vector, proof.
 pub fn run_job(circuit: &Circuit, input: &JobInput) -> anyhow::Result<(Proof, JobReport)> {
     reset_peak_rss();
+    let rss_before_bytes = status_bytes("VmRSS:");
     let start = Instant::now();
     let wv = synthesize(circuit, witness(circuit, input)?)?;
     let witness_secs = start.elapsed().as_secs_f64();
@@ -95,7 +99,8 @@ pub fn run_job(circuit: &Circuit, input: &JobInput) -> anyhow::Result<(Proof, Jo
         witness_secs,
         prove_secs: start.elapsed().as_secs_f64(),
         proof_bytes: proof.to_bytes().len(),
-        peak_rss_bytes: peak_rss(),
+        peak_rss_bytes: status_bytes("VmHWM:"),
+        rss_before_bytes,
     };
     Ok((proof, report))
 }

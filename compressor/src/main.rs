@@ -114,6 +114,7 @@ fn main() -> anyhow::Result<()> {
                     prover_endpoint: String::new(),
                     protocol_versions: vec![],
                     prover_group: None,
+                    memory_budget_mib: 0,
                 };
                 let stage = Arc::new(stage::Compressor {
                     artifacts: Arc::new(LocalStore::new(&data_dir)),

@@ -36,6 +36,21 @@ impl ProtocolVersion {
     }
 }
 
+impl std::str::FromStr for ProtocolVersion {
+    type Err = String;
+
+    /// `0.MINOR.PATCH` (as [`fmt::Display`] writes it) or `MINOR.PATCH`, each below 65536.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.trim().split('.').collect();
+        let (minor, patch) = match parts.as_slice() {
+            ["0", m, p] | [m, p] => (*m, *p),
+            _ => return Err(format!("protocol version {s:?}: expected 0.MINOR.PATCH (the major is 0), e.g. 0.1.0")),
+        };
+        let num = |x: &str| x.parse::<u16>().map_err(|_| format!("protocol version {s:?}: {x:?} is not a number below 65536"));
+        Ok(ProtocolVersion { minor: num(minor)?, patch: num(patch)? })
+    }
+}
+
 impl fmt::Display for ProtocolVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "0.{}.{}", self.minor, self.patch)

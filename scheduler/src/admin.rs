@@ -132,13 +132,22 @@ impl v1::admin_server::Admin for AdminService {
                 draining: c.draining,
                 prover_endpoint: c.prover_endpoint.clone(),
                 prover_group: c.prover_group,
+                protocol_versions: c.versions.iter().map(|&v| db::proto_version(v >> 16, v & 0xffff)).collect(),
+                memory_budget_mib: c.memory_budget_mib,
+                memory_used_mib: 0,
+                loaded_setups: c
+                    .loaded_setups
+                    .iter()
+                    .map(|&p| v1::CircuitPair { aggregation_round: (p >> 8) as u32, circuit_id: (p & 0xff) as u32 })
+                    .collect(),
             })
             .collect();
         let ids: Vec<String> = workers.iter().map(|w| w.id.clone()).collect();
-        for (id, seen_ms, held) in db::worker_activity(&self.shared.pool, &ids).await.map_err(internal)? {
+        for (id, seen_ms, held, mib) in db::worker_activity(&self.shared.pool, &ids).await.map_err(internal)? {
             if let Some(w) = workers.iter_mut().find(|w| w.id == id) {
                 w.last_heartbeat_unix_ms = seen_ms.max(0) as u64;
                 w.leases_held = held as u32;
+                w.memory_used_mib = mib.max(0) as u64;
             }
         }
         Ok(Response::new(v1::ListWorkersResponse { workers }))
@@ -209,7 +218,7 @@ impl v1::admin_server::Admin for AdminService {
     ) -> Result<Response<v1::BatchStatus>, Status> {
         let r = request.into_inner();
         let number = i64::from(r.batch_number);
-        if !db::set_batch_priority(&self.shared.pool, number, r.priority).await.map_err(internal)? {
+        if !db::set_batch_priority(&self.shared.pool, number, r.priority, self.shared.settings.policy.ageing_secs).await.map_err(internal)? {
             return Err(Status::not_found(format!("batch {number} was never submitted")));
         }
         tracing::warn!(batch = number, priority = r.priority, "admin: batch priority set");
@@ -227,5 +236,74 @@ impl v1::admin_server::Admin for AdminService {
         let all = self.list_workers(Request::new(v1::ListWorkersRequest {})).await?.into_inner();
         let workers = all.workers.into_iter().filter(|w| drained.contains(&w.id)).collect();
         Ok(Response::new(v1::ListWorkersResponse { workers }))
+    }
+
+    async fn list_protocol_versions(
+        &self,
+        _: Request<v1::ListProtocolVersionsRequest>,
+    ) -> Result<Response<v1::ListProtocolVersionsResponse>, Status> {
+        let rows = db::protocol_versions(&self.shared.pool).await.map_err(internal)?;
+        let versions = rows.into_iter().map(|r| self.version_info(r)).collect();
+        Ok(Response::new(v1::ListProtocolVersionsResponse { versions }))
+    }
+
+    async fn register_protocol_version(
+        &self,
+        request: Request<v1::RegisterProtocolVersionRequest>,
+    ) -> Result<Response<v1::ProtocolVersionInfo>, Status> {
+        let r = request.into_inner();
+        let (minor, patch) = version_arg(r.version.as_ref())?;
+        let hash = r.vk_hash.to_ascii_lowercase();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument(format!(
+                "vk_hash must be 64 hex digits (the final circuit's verification key hash), not {:?}",
+                r.vk_hash
+            )));
+        }
+        let row = db::register_version(&self.shared.pool, minor, patch, &hash).await.map_err(internal)?;
+        tracing::warn!(version = format!("0.{minor}.{patch}"), vk_hash = hash, "admin: protocol version registered");
+        self.shared.wake_dispatcher();
+        Ok(Response::new(self.version_info(row)))
+    }
+
+    async fn retire_protocol_version(
+        &self,
+        request: Request<v1::RetireProtocolVersionRequest>,
+    ) -> Result<Response<v1::ProtocolVersionInfo>, Status> {
+        let (minor, patch) = version_arg(request.into_inner().version.as_ref())?;
+        let row = db::retire_version(&self.shared.pool, minor, patch)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("protocol version 0.{minor}.{patch} is not registered")))?;
+        tracing::warn!(version = format!("0.{minor}.{patch}"), unfinished_batches = row.unfinished_batches, "admin: protocol version retired");
+        Ok(Response::new(self.version_info(row)))
+    }
+}
+
+/// A request's protocol version as `(minor, patch)`. Errors: missing, or out of range.
+fn version_arg(v: Option<&v1::ProtocolVersion>) -> Result<(i32, i32), Status> {
+    let v = v.and_then(|v| v.to_core()).ok_or_else(|| Status::invalid_argument("version is required (minor and patch < 65536)"))?;
+    Ok((i32::from(v.minor), i32::from(v.patch)))
+}
+
+impl AdminService {
+    /// A version row with the connected workers that prove it (declared it, or declared none).
+    fn version_info(&self, r: db::VersionRow) -> v1::ProtocolVersionInfo {
+        let packed = r.minor * 65536 + r.patch;
+        let mut workers = std::collections::HashMap::new();
+        for c in self.shared.registry().all() {
+            if c.versions.is_empty() || c.versions.contains(&packed) {
+                *workers.entry(crate::work::role_name(c.role).to_string()).or_insert(0u32) += 1;
+            }
+        }
+        v1::ProtocolVersionInfo {
+            version: Some(db::proto_version(r.minor, r.patch)),
+            vk_hash: r.vk_hash,
+            status: r.status,
+            registered_at_unix_ms: r.registered_ms.max(0) as u64,
+            unfinished_batches: r.unfinished_batches as u32,
+            queued_jobs: r.queued_jobs as u32,
+            workers,
+        }
     }
 }

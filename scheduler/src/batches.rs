@@ -29,7 +29,10 @@ impl BatchService {
 
 /// A database error as a gRPC status.
 pub fn internal(e: DbError) -> Status {
-    Status::internal(e.to_string())
+    match e {
+        DbError::Refused(reason) => Status::failed_precondition(reason),
+        e => Status::internal(e.to_string()),
+    }
 }
 
 /// The name of a round number as `BatchStatus` shows it: the aggregation round's own name
@@ -108,7 +111,7 @@ impl v1::batches_server::Batches for BatchService {
             &self.shared.settings.geometry,
             &r.input_key,
             r.priority,
-            &self.shared.settings.max_attempts,
+            &self.shared.settings,
         )
         .await
         .map_err(internal)?;

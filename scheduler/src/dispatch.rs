@@ -53,46 +53,93 @@ async fn dispatch_all(shared: &Shared) -> Result<(), db::DbError> {
     }
 }
 
+/// What the dispatcher knows of a worker (and, for a WVG, its matched prover) when it asks for a
+/// lease: read under the registry's lock, used after it.
+struct Ask {
+    kind: JobKind,
+    versions: Vec<i32>,
+    pairs: Vec<i32>,
+    warm: Vec<i32>,
+    warm_own: Vec<i32>,
+    budget_mib: i64,
+    prover: Option<MatchedProver>,
+}
+
+/// The prover matched with a WVG lease.
+struct MatchedProver {
+    id: String,
+    endpoint: String,
+    budget_mib: i64,
+    slot_leases: Vec<uuid::Uuid>,
+}
+
+/// Decides, under the registry's lock, what to ask the database for on `worker`'s behalf; `None`
+/// when it can take nothing now (not a leasing role, or a WVG without a compatible free prover).
+fn ask_for(shared: &Shared, worker: &str) -> Option<Ask> {
+    let reg = shared.registry();
+    let conn = reg.get(worker)?;
+    let kind = kind_of(conn.role)?;
+    let budget = |mib: u64| i64::try_from(mib).unwrap_or(i64::MAX);
+    let affinity = shared.settings.policy.setup_affinity;
+    let mut ask = Ask {
+        kind,
+        versions: conn.versions.clone(),
+        pairs: conn.pairs.clone(),
+        warm: if affinity { conn.loaded_setups.clone() } else { vec![] },
+        warm_own: vec![],
+        budget_mib: budget(conn.memory_budget_mib),
+        prover: None,
+    };
+    if conn.role == Role::Wvg {
+        // pick_prover only picks a prover that shares a version and a pair with the WVG.
+        let p = reg.get(&reg.pick_prover(conn, shared.settings.zone_policy)?).expect("picked from the registry");
+        // A WVG lease must suit both the WVG and its prover ...
+        if !p.versions.is_empty() {
+            ask.versions = if conn.versions.is_empty() {
+                p.versions.clone()
+            } else {
+                conn.versions.iter().copied().filter(|v| p.versions.contains(v)).collect()
+            };
+        }
+        ask.pairs = crate::groups::intersect(&conn.pairs, &p.pairs)?;
+        // ... and the setup data that counts is the prover's (proving is the heavy part).
+        if affinity {
+            ask.warm_own = std::mem::take(&mut ask.warm);
+            ask.warm = p.loaded_setups.clone();
+        }
+        ask.prover = Some(MatchedProver {
+            id: p.id.clone(),
+            endpoint: p.prover_endpoint.clone(),
+            budget_mib: budget(p.memory_budget_mib),
+            slot_leases: reg.slot_leases(&p.id),
+        });
+    }
+    Some(ask)
+}
+
 /// Tries to lease one job to `worker`. Returns whether it did.
 async fn dispatch_one(shared: &Shared, worker: &str) -> Result<bool, db::DbError> {
     // Decide under the lock what to ask for; never hold it across the database call.
-    let (kind, versions, pairs, prover) = {
-        let reg = shared.registry();
-        let Some(conn) = reg.get(worker) else { return Ok(false) };
-        let Some(kind) = kind_of(conn.role) else { return Ok(false) };
-        let prover = if conn.role == Role::Wvg {
-            match reg.pick_prover(conn, shared.settings.zone_policy) {
-                Some(p) => {
-                    let p = reg.get(&p).expect("picked from the registry");
-                    Some((p.id.clone(), p.prover_endpoint.clone(), p.versions.clone(), p.pairs.clone()))
-                }
-                None => return Ok(false),
-            }
-        } else {
-            None
-        };
-        // A WVG lease must suit both the WVG and its prover.
-        let versions = match &prover {
-            Some((_, _, pv, _)) if conn.versions.is_empty() => pv.clone(),
-            Some((_, _, pv, _)) if !pv.is_empty() => conn.versions.iter().copied().filter(|v| pv.contains(v)).collect(),
-            _ => conn.versions.clone(),
-        };
-        if !conn.versions.is_empty() && versions.is_empty() {
-            return Ok(false);
-        }
-        // ... and both prover groups (pick_prover only picks a prover that shares a pair).
-        let pairs = match &prover {
-            Some((_, _, _, pp)) => match crate::groups::intersect(&conn.pairs, pp) {
-                Some(p) => p,
-                None => return Ok(false),
-            },
-            None => conn.pairs.clone(),
-        };
-        (kind, versions, pairs, prover)
+    let Some(ask) = ask_for(shared, worker) else { return Ok(false) };
+    let policy = &shared.settings.policy;
+    let request = db::LeaseAsk {
+        kind: ask.kind,
+        worker,
+        versions: &ask.versions,
+        pairs: &ask.pairs,
+        lease_secs: shared.settings.lease_secs,
+        warm: &ask.warm,
+        warm_own: &ask.warm_own,
+        budget_mib: ask.budget_mib,
+        prover_budget_mib: ask.prover.as_ref().map_or(0, |p| p.budget_mib),
+        prover_leases: ask.prover.as_ref().map_or(&[], |p| &p.slot_leases),
+        reserve_after_secs: policy.reserve_after_secs,
     };
-    let Some(job) = db::lease(&shared.pool, kind, worker, &versions, &pairs, shared.settings.lease_secs).await? else {
+    let Some(job) = db::lease(&shared.pool, &request).await? else {
         return Ok(false);
     };
+    let kind = ask.kind;
+    let prover = ask.prover;
     let inputs = match kind {
         JobKind::WitnessGeneration if job.job.aggregation_round > 0 => db::input_artifacts(&shared.pool, job.id).await?,
         _ => job.input_key.clone().map(|k| vec![(k, 0)]).unwrap_or_default(),
@@ -100,10 +147,10 @@ async fn dispatch_one(shared: &Shared, worker: &str) -> Result<bool, db::DbError
     let mut lease = lease_message(&job, inputs);
     let sent = {
         let mut reg = shared.registry();
-        if let Some((id, endpoint, _, _)) = &prover {
-            lease.prover_endpoint = endpoint.clone();
-            lease.prover_worker_id = id.clone();
-            reg.hold_slot(id, job.lease_id);
+        if let Some(p) = &prover {
+            lease.prover_endpoint = p.endpoint.clone();
+            lease.prover_worker_id = p.id.clone();
+            reg.hold_slot(&p.id, job.lease_id);
         }
         match reg.get_mut(worker) {
             Some(conn) if conn.credits > 0 => {

@@ -23,6 +23,7 @@ pub mod readiness;
 pub mod registry;
 pub mod state;
 pub mod telemetry;
+pub mod weights;
 pub mod work;
 
 use std::sync::Arc;
@@ -32,11 +33,22 @@ use tokio_util::sync::CancellationToken;
 
 pub use groups::ProverGroups;
 pub use registry::ZonePolicy;
-pub use state::{MaxAttempts, Settings, Shared};
+pub use state::{MaxAttempts, Policy, Settings, Shared};
+pub use weights::JobWeights;
 
-/// Applies the migrations in `scheduler/migrations` (idempotent).
+/// Applies the migrations in `scheduler/migrations` (idempotent). A database that knows no
+/// protocol version yet (a fresh install) gets the version these binaries' circuits implement
+/// (`ProtocolVersion::CURRENT`), active, its verification key hash left for an operator to record.
 pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    sqlx::migrate!("./migrations").run(pool).await
+    sqlx::migrate!("./migrations").run(pool).await?;
+    let current = proofmesh_core::ProtocolVersion::CURRENT;
+    sqlx::query("INSERT INTO protocol_versions (minor, patch) SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM protocol_versions)")
+        .bind(i32::from(current.minor))
+        .bind(i32::from(current.patch))
+        .execute(pool)
+        .await
+        .map_err(sqlx::migrate::MigrateError::Execute)?;
+    Ok(())
 }
 
 /// Serves `Scheduler`, `Batches`, `Admin`, reflection and health on `listener` and runs the

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use proofmesh_core::{Geometry, LocalStore};
-use proofmesh_scheduler::{MaxAttempts, ProverGroups, Settings, Shared, ZonePolicy};
+use proofmesh_scheduler::{JobWeights, MaxAttempts, Policy, ProverGroups, Settings, Shared, ZonePolicy};
 use tokio_util::sync::CancellationToken;
 
 /// A named geometry.
@@ -69,6 +69,22 @@ struct Args {
     /// `--group N` take only group N's pairs.
     #[arg(long, env = "PROOFMESH_PROVER_GROUPS")]
     prover_groups: Option<std::path::PathBuf>,
+    /// Every this many seconds a batch has waited since it was submitted adds 1 to its priority
+    /// (starvation-free order; docs/scheduling.md).
+    #[arg(long, env = "PROOFMESH_PRIORITY_AGEING_SECS", default_value_t = 300.0)]
+    priority_ageing_secs: f64,
+    /// Job weights: a TOML file of peak memory per (aggregation_round, circuit_id), MiB, as
+    /// `make bench` writes it (`job-weights.toml`). Workers' `--memory-budget-mib` bounds the sum of
+    /// the weights they hold. Unset: every job weighs 0.
+    #[arg(long, env = "PROOFMESH_JOB_WEIGHTS")]
+    job_weights: Option<std::path::PathBuf>,
+    /// A job that has waited this long (seconds) and does not fit a worker's free memory stops
+    /// lighter jobs from being leased to that worker until it fits (heavy jobs never starve).
+    #[arg(long, env = "PROOFMESH_RESERVE_AFTER_SECS", default_value_t = 120.0)]
+    reserve_after_secs: f64,
+    /// Do not prefer jobs whose setup data is loaded on the worker (for comparisons).
+    #[arg(long, env = "PROOFMESH_NO_SETUP_AFFINITY")]
+    no_setup_affinity: bool,
     /// Database connections.
     #[arg(long, env = "PROOFMESH_DATABASE_CONNECTIONS", default_value_t = 16)]
     database_connections: u32,
@@ -122,6 +138,19 @@ async fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
+    anyhow::ensure!(args.priority_ageing_secs > 0.0, "--priority-ageing-secs must be positive");
+    let job_weights = match &args.job_weights {
+        Some(path) => JobWeights::load(path)?,
+        None => JobWeights::default(),
+    };
+    let policy = Policy {
+        ageing_secs: args.priority_ageing_secs,
+        reserve_after_secs: args.reserve_after_secs.max(0.0),
+        setup_affinity: !args.no_setup_affinity,
+        job_weights,
+    };
+    let reranked = proofmesh_scheduler::db::rerank(&pool, policy.ageing_secs).await.context("ordering the queue")?;
+    tracing::info!(jobs = reranked, ageing_secs = policy.ageing_secs, "unfinished jobs ordered");
     let settings = Settings {
         geometry: match args.geometry {
             GeometryName::Default => Geometry::default(),
@@ -133,6 +162,7 @@ async fn main() -> anyhow::Result<()> {
         zone_policy: if args.cross_zone { ZonePolicy::CrossZoneWhenNoneFree } else { ZonePolicy::SameZoneOnly },
         heartbeat_ms: args.heartbeat_interval_ms,
         prover_groups,
+        policy,
     };
     let shared = Shared::new(pool, settings, Arc::new(LocalStore::new(&args.data_dir)));
     let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;

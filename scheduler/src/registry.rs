@@ -37,6 +37,10 @@ pub struct Conn {
     pub prover_group: Option<u32>,
     /// Packed `(aggregation_round, circuit_id)` pairs it takes (empty: all), from its group.
     pub pairs: Vec<crate::groups::PackedPair>,
+    /// Memory budget for the weights of the jobs it holds, MiB (0: none).
+    pub memory_budget_mib: u64,
+    /// Packed pairs whose setup data it reported loaded (Register, Heartbeat).
+    pub loaded_setups: Vec<crate::groups::PackedPair>,
     /// Leases it can still take.
     pub credits: u32,
     /// Provers: slots held by WVG leases.
@@ -127,13 +131,16 @@ impl Registry {
         ids
     }
 
-    /// The prover for a lease of `wvg`: one with a free slot that shares a pair with the WVG's
-    /// prover group (when both have one), on the same host first, then in the
+    /// The prover for a lease of `wvg`: one with a free slot that shares a protocol version and a
+    /// pair of its prover group with the WVG (when both declare them), on the same host first, then in the
     /// same zone, then (only under [`ZonePolicy::CrossZoneWhenNoneFree`]) any; among equals the
     /// one with the most free slots. `None` if no prover qualifies.
     pub fn pick_prover(&self, wvg: &Conn, policy: ZonePolicy) -> Option<String> {
         let mut best: Option<(u8, u32, &str)> = None;
-        let fits = |p: &Conn| crate::groups::intersect(&wvg.pairs, &p.pairs).is_some();
+        let fits = |p: &Conn| {
+            let versions = wvg.versions.is_empty() || p.versions.is_empty() || wvg.versions.iter().any(|v| p.versions.contains(v));
+            versions && crate::groups::intersect(&wvg.pairs, &p.pairs).is_some()
+        };
         for p in self.workers.values().filter(|p| p.role == Role::Prover && p.slots_used < p.capacity && !p.draining && fits(p)) {
             let locality = match (p.zone == wvg.zone, p.host == wvg.host) {
                 (true, true) => 0,
@@ -170,6 +177,11 @@ impl Registry {
         if holder.is_none() || self.slots.get(&lease).map(String::as_str) != holder {
             self.free_slot(lease);
         }
+    }
+
+    /// The leases holding slots of `prover` (their job weights count against its memory budget).
+    pub fn slot_leases(&self, prover: &str) -> Vec<Uuid> {
+        self.slots.iter().filter(|(_, p)| p.as_str() == prover).map(|(l, _)| *l).collect()
     }
 
     /// Frees the prover slot `lease` held, if any. Returns whether one was freed.
@@ -212,6 +224,8 @@ mod tests {
             versions: vec![],
             prover_group: None,
             pairs: vec![],
+            memory_budget_mib: 0,
+            loaded_setups: vec![],
             credits: 1,
             slots_used: 0,
             draining: false,
@@ -241,5 +255,23 @@ mod tests {
         assert!(r.free_slot(l1));
         let wvg = r.get("wvg").unwrap();
         assert_eq!(r.pick_prover(wvg, ZonePolicy::CrossZoneWhenNoneFree).as_deref(), Some("p-a-local"));
+    }
+
+    #[test]
+    fn a_wvg_is_matched_only_with_a_prover_of_a_version_it_proves() {
+        let mut r = Registry::default();
+        let mut wvg = conn("wvg", Role::Wvg, "a", "h1", 1);
+        wvg.versions = vec![65536];
+        r.add(wvg);
+        let mut other = conn("p-new", Role::Prover, "a", "h1", 4);
+        other.versions = vec![65537];
+        r.add(other);
+        let mut same = conn("p-old", Role::Prover, "a", "h2", 1);
+        same.versions = vec![65536, 65537];
+        r.add(same);
+        // The other version's prover is local and has more slots, but proves none of the WVG's versions.
+        assert_eq!(r.pick_prover(r.get("wvg").unwrap(), ZonePolicy::SameZoneOnly).as_deref(), Some("p-old"));
+        r.hold_slot("p-old", Uuid::new_v4());
+        assert_eq!(r.pick_prover(r.get("wvg").unwrap(), ZonePolicy::SameZoneOnly), None);
     }
 }

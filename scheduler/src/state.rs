@@ -11,6 +11,7 @@ use tokio::sync::{broadcast, Notify};
 use crate::graph::JobKind;
 use crate::groups::ProverGroups;
 use crate::registry::{Registry, ZonePolicy};
+use crate::weights::JobWeights;
 
 /// Attempts a job of each kind gets before it (and its batch) fails. An attempt is a lease that
 /// reached a worker and ended without success: a reported retryable failure or an expired deadline.
@@ -59,6 +60,32 @@ pub struct Settings {
     pub heartbeat_ms: u32,
     /// The `--prover-groups` file; `None`: no groups (a worker that names one is refused).
     pub prover_groups: Option<ProverGroups>,
+    /// The order rules' settings.
+    pub policy: Policy,
+}
+
+/// Settings of the order rules (docs/scheduling.md).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Every `ageing_secs` a batch has waited since it was submitted adds 1 to its priority, so
+    /// no batch waits forever behind higher-priority ones (`--priority-ageing-secs`, 300).
+    pub ageing_secs: f64,
+    /// A job that has waited this long (seconds) and does not fit a worker's free memory budget
+    /// stops lighter jobs from being leased to that worker until it fits
+    /// (`--reserve-after-secs`, 120).
+    pub reserve_after_secs: f64,
+    /// Prefer, among equally urgent jobs, one whose setup data is loaded where it will be proven
+    /// (`--no-setup-affinity` turns it off, for comparisons).
+    pub setup_affinity: bool,
+    /// Peak memory per `(aggregation_round, circuit_id)` (`--job-weights`); empty: every job
+    /// weighs 0 and budgets never bind.
+    pub job_weights: JobWeights,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy { ageing_secs: 300.0, reserve_after_secs: 120.0, setup_affinity: true, job_weights: JobWeights::default() }
+    }
 }
 
 /// Shared by the gRPC services and the dispatcher.

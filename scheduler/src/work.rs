@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
+use crate::batches::internal;
 use crate::db::{self, DbError, EndReason};
 use crate::registry::{Conn, Outbox};
 use crate::state::Shared;
@@ -87,6 +88,18 @@ impl v1::scheduler_server::Scheduler for WorkService {
                 Status::invalid_argument(format!("unknown prover group {g}: the scheduler's groups are {:?}", groups.ids()))
             })?,
         };
+        if !reg.protocol_versions.is_empty() {
+            let known = db::protocol_versions(&self.shared.pool).await.map_err(internal)?;
+            for v in &reg.protocol_versions {
+                if !known.iter().any(|k| k.minor as u32 == v.minor && k.patch as u32 == v.patch) {
+                    return Err(Status::invalid_argument(format!(
+                        "protocol version 0.{}.{} is not registered with this scheduler (Admin.ListProtocolVersions; \
+                         an operator registers it with Admin.RegisterProtocolVersion)",
+                        v.minor, v.patch
+                    )));
+                }
+            }
+        }
         let id = format!("{}-{}", role_name(role), &Uuid::new_v4().simple().to_string()[..12]);
         let name = if reg.name.is_empty() { id.clone() } else { reg.name.clone() };
         let endpoint = (!reg.prover_endpoint.is_empty()).then_some(reg.prover_endpoint.as_str());
@@ -121,6 +134,8 @@ impl v1::scheduler_server::Scheduler for WorkService {
             versions: reg.protocol_versions.iter().map(|v| (v.minor * 65536 + v.patch) as i32).collect(),
             prover_group: reg.prover_group,
             pairs,
+            memory_budget_mib: reg.memory_budget_mib,
+            loaded_setups: packed_pairs(&reg.loaded_setups),
             credits: 0,
             slots_used: 0,
             draining: false,
@@ -182,12 +197,16 @@ async fn renew(shared: &Shared, id: &str, leases: &[Uuid]) -> Result<Vec<Uuid>, 
     Ok(stale)
 }
 
-fn parse_leases(ids: &[String]) -> Vec<Uuid> {
-    ids.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect()
+/// Pairs as the lease statement compares them (`round << 8 | circuit_id`); out-of-range ones dropped.
+fn packed_pairs(pairs: &[v1::CircuitPair]) -> Vec<crate::groups::PackedPair> {
+    pairs
+        .iter()
+        .filter_map(|p| Some(crate::groups::pack(u8::try_from(p.aggregation_round).ok()?, u8::try_from(p.circuit_id).ok()?)))
+        .collect()
 }
 
-fn internal(e: DbError) -> Status {
-    Status::internal(e.to_string())
+fn parse_leases(ids: &[String]) -> Vec<Uuid> {
+    ids.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect()
 }
 
 /// Handles one worker's messages until its stream ends. Returns why it ended.
@@ -206,6 +225,9 @@ async fn serve_worker(shared: &Shared, id: &str, inbound: &mut Streaming<v1::Wor
                 shared.wake_dispatcher();
             }
             Some(worker_message::Msg::Heartbeat(h)) => {
+                if let Some(conn) = shared.registry().get_mut(id) {
+                    conn.loaded_setups = packed_pairs(&h.loaded_setups);
+                }
                 // A missed renewal is made good by the next heartbeat, well before the deadline.
                 if let Err(e) = renew(shared, id, &parse_leases(&h.lease_ids)).await {
                     tracing::error!(worker = %id, "renewing leases: {e}");
@@ -259,7 +281,7 @@ async fn completed(shared: &Shared, worker: &str, c: v1::Completed, outbox: &Out
         .iter()
         .filter_map(|cc| u8::try_from(cc.circuit_id).ok().map(|id| (CircuitId(id), cc.count)))
         .collect();
-    match db::complete(&shared.pool, lease, &counts, c.compute_secs, &shared.settings.max_attempts).await {
+    match db::complete(&shared.pool, lease, &counts, c.compute_secs, &shared.settings).await {
         Ok(done) if done.already_recorded => {
             recorded(outbox, &c.lease_id).await;
             Ok(())

@@ -142,6 +142,7 @@ fn registration(url: &str, capacity: u32) -> Registration {
         prover_endpoint: String::new(),
         protocol_versions: vec![],
         prover_group: None,
+        memory_budget_mib: 0,
     }
 }
 

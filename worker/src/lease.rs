@@ -44,6 +44,8 @@ pub struct Registration {
     pub protocol_versions: Vec<v1::ProtocolVersion>,
     /// WVGs and provers: the prover group whose pairs it takes (`None`: all).
     pub prover_group: Option<u32>,
+    /// Memory for the weights of the jobs it holds, MiB (0: no limit).
+    pub memory_budget_mib: u64,
 }
 
 /// This machine's host name (`/etc/hostname`), `localhost` if it has none: what workers register
@@ -83,6 +85,8 @@ pub struct LeaseClient {
     /// retrying cannot help. Cancelled with the reason in `refusal`.
     refused: CancellationToken,
     refusal: Mutex<Option<String>>,
+    /// Circuits whose setup data is loaded (sent with every heartbeat and `Register`).
+    loaded_setups: Mutex<Vec<v1::CircuitPair>>,
 }
 
 fn msg(m: worker_message::Msg) -> v1::WorkerMessage {
@@ -103,6 +107,7 @@ impl LeaseClient {
             worker_id: Mutex::new(String::new()),
             refused: CancellationToken::new(),
             refusal: Mutex::new(None),
+            loaded_setups: Mutex::default(),
         });
         let (leases, rx) = mpsc::channel(1024);
         tokio::spawn(client.clone().supervise(leases, stop));
@@ -160,7 +165,27 @@ impl LeaseClient {
     /// heartbeats it at once, which attaches it to this worker's stream.
     pub fn hold(&self, lease: &str) {
         self.held.lock().expect("poisoned").insert(lease.to_string());
-        self.send_now(msg(worker_message::Msg::Heartbeat(v1::Heartbeat { lease_ids: vec![lease.to_string()] })));
+        self.send_now(self.heartbeat(vec![lease.to_string()]));
+    }
+
+    /// Records the circuits whose setup data is loaded now; when that changed, tells the scheduler
+    /// at once (a heartbeat) so its next lease can prefer them (setup-data affinity).
+    pub fn set_loaded_setups(&self, pairs: Vec<v1::CircuitPair>) {
+        let changed = {
+            let mut loaded = self.loaded_setups.lock().expect("poisoned");
+            let changed = *loaded != pairs;
+            *loaded = pairs;
+            changed
+        };
+        if changed {
+            self.send_now(self.heartbeat(vec![]));
+        }
+    }
+
+    /// A heartbeat renewing `lease_ids`, with the setups loaded now.
+    fn heartbeat(&self, lease_ids: Vec<String>) -> v1::WorkerMessage {
+        let loaded_setups = self.loaded_setups.lock().expect("poisoned").clone();
+        msg(worker_message::Msg::Heartbeat(v1::Heartbeat { lease_ids, loaded_setups }))
     }
 
     /// Stops renewing `lease` (its report is queued, or it was handed to a prover).
@@ -265,6 +290,8 @@ impl LeaseClient {
             name: r.name.clone(),
             held_leases: self.held(),
             prover_group: r.prover_group,
+            memory_budget_mib: r.memory_budget_mib,
+            loaded_setups: self.loaded_setups.lock().expect("poisoned").clone(),
         })))?;
         let mut inbound = client.work(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await?.into_inner();
         let first = inbound.message().await?.and_then(|m| m.msg);
@@ -299,7 +326,7 @@ impl LeaseClient {
             tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 _ = ticker.tick() => {
-                    let _ = tx.send(msg(worker_message::Msg::Heartbeat(v1::Heartbeat { lease_ids: self.held() })));
+                    let _ = tx.send(self.heartbeat(self.held()));
                 }
                 m = inbound.message() => match m?.and_then(|m| m.msg) {
                     None => return Ok(()),

@@ -71,6 +71,15 @@ struct Args {
     /// worker with the scheduler's reason.
     #[arg(long, env = "PROOFMESH_GROUP")]
     group: Option<u32>,
+    /// Protocol versions it proves, e.g. `0.1.0` (repeat the flag, or comma-separate); default:
+    /// any the scheduler knows. A version the scheduler has not registered stops the worker.
+    #[arg(long = "protocol-version", env = "PROOFMESH_PROTOCOL_VERSIONS", value_delimiter = ',')]
+    protocol_versions: Vec<proofmesh_core::ProtocolVersion>,
+    /// Memory for the jobs it holds, MiB: the scheduler leases it (WVGs) or matches with it
+    /// (provers) jobs whose weights (peak memory, its --job-weights file) sum to at most this.
+    /// 0: no limit.
+    #[arg(long, env = "PROOFMESH_MEMORY_BUDGET_MIB", default_value_t = 0)]
+    memory_budget_mib: u64,
     /// Serve Prometheus metrics on this address (`http://ADDR/metrics`); off when unset.
     #[arg(long, env = "PROOFMESH_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -109,8 +118,9 @@ async fn main() -> anyhow::Result<()> {
         host: args.host.clone().unwrap_or_else(this_host),
         capacity: args.capacity,
         prover_endpoint: String::new(),
-        protocol_versions: vec![],
+        protocol_versions: args.protocol_versions.iter().map(|&v| v.into()).collect(),
         prover_group: args.group,
+        memory_budget_mib: args.memory_budget_mib,
     };
 
     if role == Role::Prover {
@@ -119,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
         reg.prover_endpoint = args.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
         tracing::info!("prover serving on {addr}, advertised as {}", reg.prover_endpoint);
         let (client, _no_leases) = LeaseClient::start(reg, stop.clone());
+        report_loaded_setups(&setups, &client);
         let service = ProverService {
             slots: Arc::new(Semaphore::new(args.capacity as usize)),
             artifacts,
@@ -145,14 +156,25 @@ async fn main() -> anyhow::Result<()> {
         return refused(&client);
     }
 
+    let (client, leases) = LeaseClient::start(reg, stop.clone());
+    report_loaded_setups(&setups, &client);
     let stage: Arc<dyn Stage> = match role {
         Role::WitnessGenerator => Arc::new(wg::WitnessGenerator { artifacts }),
         _ => Arc::new(wvg::WitnessVectorGenerator { artifacts, setups, channels: Mutex::new(HashMap::new()) }),
     };
-    let (client, leases) = LeaseClient::start(reg, stop.clone());
     runner::run(client.clone(), leases, stage, drain, grace).await;
     stop.cancel();
     refused(&client)
+}
+
+/// Tells the scheduler which circuits' setup data is loaded whenever that changes.
+fn report_loaded_setups(setups: &Setups, client: &Arc<LeaseClient>) {
+    let client = Arc::downgrade(client);
+    setups.on_loaded_changed(move |pairs| {
+        if let Some(c) = client.upgrade() {
+            c.set_loaded_setups(pairs);
+        }
+    });
 }
 
 /// An error (exit 1) if the scheduler refused this worker's registration.

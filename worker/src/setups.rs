@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use proofmesh_circuits::basic::BasicCircuit;
 use proofmesh_circuits::setup::{Circuit, CircuitKey, SetupStore};
@@ -20,6 +20,20 @@ pub struct Setups {
     root: PathBuf,
     stores: Mutex<HashMap<(ProtocolVersion, Geometry), Arc<SetupStore>>>,
     loaded: Mutex<Vec<CircuitKey>>,
+    /// Told the loaded circuits' `(aggregation_round, circuit_id)` pairs whenever they change.
+    on_change: OnceLock<LoadedCallback>,
+}
+
+/// See [`Setups::on_loaded_changed`].
+type LoadedCallback = Box<dyn Fn(Vec<v1::CircuitPair>) + Send + Sync>;
+
+/// The `(aggregation_round, circuit_id)` pair of a circuit (compression: round 5, id 0), as the
+/// scheduler's affinity rule names it.
+pub fn circuit_pair(key: CircuitKey) -> v1::CircuitPair {
+    v1::CircuitPair {
+        aggregation_round: key.round().map_or(5, |r| r as u32),
+        circuit_id: u32::from(key.circuit_id().0),
+    }
 }
 
 /// The protocol version and geometry a lease (or witness vector header) names.
@@ -63,7 +77,13 @@ impl std::fmt::Debug for Setups {
 impl Setups {
     /// Stores under `root` (the setup cache directory).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Setups { root: root.into(), stores: Mutex::default(), loaded: Mutex::default() }
+        Setups { root: root.into(), stores: Mutex::default(), loaded: Mutex::default(), on_change: OnceLock::new() }
+    }
+
+    /// Calls `f` with the loaded circuits' pairs (deduplicated) each time they change: the lease
+    /// client reports them to the scheduler. Only the first callback set is kept.
+    pub fn on_loaded_changed(&self, f: impl Fn(Vec<v1::CircuitPair>) + Send + Sync + 'static) {
+        let _ = self.on_change.set(Box::new(f));
     }
 
     /// The store for `version` and `geometry`. Errors: a version these circuits do not implement.
@@ -80,9 +100,11 @@ impl Setups {
     /// The circuit `key` of `store` with its prover data; frees the others first when more than
     /// a few are loaded. Call from a blocking thread (it may read or build setup data).
     pub fn circuit(&self, store: &SetupStore, key: CircuitKey) -> Result<Arc<Circuit>, JobError> {
-        {
+        let changed = {
             let mut loaded = self.loaded.lock().expect("poisoned");
-            if !loaded.contains(&key) {
+            if loaded.contains(&key) {
+                None
+            } else {
                 if loaded.len() >= KEEP_LOADED {
                     for s in self.stores.lock().expect("poisoned").values() {
                         s.release();
@@ -90,8 +112,19 @@ impl Setups {
                     loaded.clear();
                 }
                 loaded.push(key);
+                let mut pairs: Vec<v1::CircuitPair> = vec![];
+                for p in loaded.iter().map(|k| circuit_pair(*k)) {
+                    if !pairs.contains(&p) {
+                        pairs.push(p);
+                    }
+                }
+                Some(pairs)
             }
+        };
+        let circuit = store.circuit(key).map_err(|e| JobError::retry(format!("setup data of {}: {e:#}", key.name())));
+        if let (Some(pairs), Some(f)) = (changed, self.on_change.get()) {
+            f(pairs);
         }
-        store.circuit(key).map_err(|e| JobError::retry(format!("setup data of {}: {e:#}", key.name())))
+        circuit
     }
 }

@@ -10,10 +10,12 @@ use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::graph::{self, JobKind, NewJob};
-use crate::state::MaxAttempts;
+use crate::state::{Policy, Settings};
 
 mod operator;
+mod versions;
 pub use operator::*;
+pub use versions::*;
 
 /// A database error, or a request the job state refuses.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +26,9 @@ pub enum DbError {
     /// The report's lease is unknown, or its job already succeeded or failed through another lease.
     #[error("lease {0} is not current (stale or unknown): nothing recorded")]
     StaleLease(Uuid),
+    /// A request the job state refuses (an unknown or retired protocol version ...): the reason.
+    #[error("{0}")]
+    Refused(String),
     /// Stored data that the scheduler cannot interpret.
     #[error("job state: {0}")]
     Invalid(String),
@@ -94,6 +99,8 @@ pub struct LeasedJob {
     pub geometry: Vec<i32>,
     /// Seconds it waited in the queue.
     pub waited_secs: f64,
+    /// Its weight (peak memory), MiB.
+    pub weight_mib: i32,
 }
 
 /// What a job is, for metric labels.
@@ -222,7 +229,8 @@ pub fn geometry_from_row(v: &[i32]) -> Result<Geometry, DbError> {
 }
 
 /// Inserts a batch and its round-0 witness-generation job (queued). Idempotent: returns `false`
-/// and changes nothing if the batch exists.
+/// and changes nothing if the batch exists. Errors: [`DbError::Refused`] when `version` is not an
+/// active version of the `protocol_versions` table (unknown, or retired).
 pub async fn submit_batch(
     pool: &PgPool,
     batch: BatchNumber,
@@ -230,9 +238,29 @@ pub async fn submit_batch(
     geometry: &Geometry,
     input_key: &str,
     priority: i32,
-    max_attempts: &MaxAttempts,
+    settings: &Settings,
 ) -> Result<bool, DbError> {
     let mut tx = pool.begin().await?;
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM protocol_versions WHERE minor = $1 AND patch = $2")
+        .bind(i32::from(version.minor))
+        .bind(i32::from(version.patch))
+        .fetch_optional(&mut *tx)
+        .await?;
+    if status.as_deref() != Some("active") {
+        let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM batches WHERE batch_number = $1)")
+            .bind(i64::from(batch.0))
+            .fetch_one(&mut *tx)
+            .await?;
+        if exists {
+            return Ok(false);
+        }
+        return Err(DbError::Refused(match status {
+            None => format!(
+                "protocol version {version} is not registered (register it with Admin.RegisterProtocolVersion)"
+            ),
+            Some(_) => format!("protocol version {version} is retired: new batches of it are refused"),
+        }));
+    }
     let created = sqlx::query(
         "INSERT INTO batches (batch_number, protocol_minor, protocol_patch, geometry, status, input_key, priority)
          VALUES ($1, $2, $3, $4, 'proving', $5, $6) ON CONFLICT (batch_number) DO NOTHING",
@@ -250,15 +278,17 @@ pub async fn submit_batch(
     if created {
         sqlx::query(
             "INSERT INTO jobs (batch_number, kind, aggregation_round, circuit_id, status, max_attempts, priority,
-                               protocol_minor, protocol_patch, input_key, queued_at)
-             VALUES ($1, 'witness_generation', 0, 0, 'queued', $2, $3, $4, $5, $6, now())",
+                               protocol_minor, protocol_patch, input_key, queued_at, urgency)
+             VALUES ($1, 'witness_generation', 0, 0, 'queued', $2, $3, $4, $5, $6, now(),
+                     $3 * $7 - extract(epoch FROM now())::float8)",
         )
         .bind(i64::from(batch.0))
-        .bind(max_attempts.of(JobKind::WitnessGeneration))
+        .bind(settings.max_attempts.of(JobKind::WitnessGeneration))
         .bind(priority)
         .bind(i32::from(version.minor))
         .bind(i32::from(version.patch))
         .bind(input_key)
+        .bind(settings.policy.ageing_secs)
         .execute(&mut *tx)
         .await?;
     }
@@ -266,47 +296,157 @@ pub async fn submit_batch(
     Ok(created)
 }
 
-/// Leases the next queued job of `kind` to `worker`: highest priority, then lowest batch number,
-/// skipping rows other transactions hold (`FOR UPDATE SKIP LOCKED`). `versions` are packed
-/// protocol versions (`minor << 16 | patch`) the worker accepts, `pairs` packed
-/// `(aggregation_round, circuit_id)` pairs (`round << 8 | circuit_id`, its prover group); empty
-/// accepts all. Returns `None` when nothing is queued for it.
-pub async fn lease(
-    pool: &PgPool,
-    kind: JobKind,
-    worker: &str,
-    versions: &[i32],
-    pairs: &[i32],
-    lease_secs: f64,
-) -> Result<Option<LeasedJob>, DbError> {
-    let job = sqlx::query_as::<_, LeasedJob>(
-        "WITH picked AS (
+/// What the dispatcher asks [`lease`] for: one worker (a WVG together with the prover matched with
+/// it), and the reserve setting (docs/scheduling.md).
+#[derive(Debug, Clone)]
+pub struct LeaseAsk<'a> {
+    /// The job kind its role takes.
+    pub kind: JobKind,
+    /// The worker the lease goes to (`jobs.leased_to`).
+    pub worker: &'a str,
+    /// Packed protocol versions (`minor << 16 | patch`) it proves; empty: all.
+    pub versions: &'a [i32],
+    /// Packed `(aggregation_round, circuit_id)` pairs (`round << 8 | circuit_id`) it takes (its
+    /// prover group, intersected with its prover's); empty: all.
+    pub pairs: &'a [i32],
+    /// Lease lifetime, seconds.
+    pub lease_secs: f64,
+    /// Packed pairs whose setup data is loaded where the job will be proven (the prover matched
+    /// with a WVG, or the worker itself); preferred among equally urgent jobs.
+    pub warm: &'a [i32],
+    /// A WVG's own loaded setups: the next tie-break.
+    pub warm_own: &'a [i32],
+    /// The worker's memory budget, MiB; 0: none.
+    pub budget_mib: i64,
+    /// The matched prover's memory budget, MiB; 0: none (or no prover).
+    pub prover_budget_mib: i64,
+    /// The leases holding the matched prover's slots (their weights use its budget).
+    pub prover_leases: &'a [Uuid],
+    /// A job that has waited this long (seconds) and does not fit the free budget stops lighter
+    /// jobs behind it from being leased to this worker, until enough memory is free.
+    pub reserve_after_secs: f64,
+}
+
+impl<'a> LeaseAsk<'a> {
+    /// An ask for a worker that declares nothing (every version and pair, no setups loaded, no
+    /// budget), under `policy`.
+    pub fn plain(kind: JobKind, worker: &'a str, lease_secs: f64, policy: &Policy) -> Self {
+        LeaseAsk {
+            kind,
+            worker,
+            versions: &[],
+            pairs: &[],
+            lease_secs,
+            warm: &[],
+            warm_own: &[],
+            budget_mib: 0,
+            prover_budget_mib: 0,
+            prover_leases: &[],
+            reserve_after_secs: policy.reserve_after_secs,
+        }
+    }
+}
+
+/// How many of the most urgent eligible jobs one lease statement considers: the memory-budget rule
+/// looks no further (a worker none of them fits waits for memory), which bounds the statement's
+/// cost however long the queue is.
+pub const LEASE_WINDOW: i64 = 64;
+
+/// The lease order (docs/scheduling.md rule 2): `jobs.urgency` is the batch's priority times
+/// `ageing_secs` minus its submission time (seconds), so ordering by it is ordering by priority
+/// plus one point per `ageing_secs` waited. The window of candidates is read in the
+/// `jobs_lease_order` index's order ([`INDEX_ORDER`]); setup-data affinity then orders within it.
+const LEASE_ORDER: &str = "urgency DESC, batch_number, aggregation_round DESC, warm DESC, warm_own DESC, id";
+const INDEX_ORDER: &str = "urgency DESC, batch_number, aggregation_round DESC, id";
+
+/// The lease statement for a worker that declares versions (`versions`) or prover-group pairs
+/// (`pairs`) or neither: four texts, so a worker that declares neither has no filter that would
+/// make PostgreSQL's generic plan misjudge the queue as tiny and sort all of it instead of
+/// reading the index in order. Parameters not filtered on are still referenced (a constant test).
+fn lease_sql(versions: bool, pairs: bool) -> String {
+    let versions = if versions {
+        "(j.protocol_minor * 65536 + j.protocol_patch) = ANY($4::int[])"
+    } else {
+        "cardinality($4::int[]) >= 0"
+    };
+    let pairs = if pairs { "(j.aggregation_round * 256 + j.circuit_id) = ANY($6::int[])" } else { "cardinality($6::int[]) >= 0" };
+    format!(
+        "WITH budget AS (
+             SELECT LEAST(NULLIF($7::bigint, 0), NULLIF($8::bigint, 0)) AS total,
+                    LEAST(CASE WHEN $7 > 0 THEN $7 - (SELECT COALESCE(sum(weight_mib), 0) FROM jobs
+                                                       WHERE status = 'leased' AND leased_to = $2) END,
+                          CASE WHEN $8 > 0 THEN $8 - (SELECT COALESCE(sum(weight_mib), 0) FROM jobs
+                                                       WHERE status = 'leased' AND lease_id = ANY($9)) END) AS free),
+         candidates AS (
+             SELECT j.id, j.weight_mib, j.urgency, j.batch_number, j.aggregation_round,
+                    (j.aggregation_round * 256 + j.circuit_id) = ANY($10) AS warm,
+                    (j.aggregation_round * 256 + j.circuit_id) = ANY($11) AS warm_own,
+                    j.queued_at < now() - make_interval(secs => $12) AS overdue
+             FROM jobs j
+             WHERE j.status = 'queued' AND j.kind = $3 AND {versions} AND {pairs}
+               AND j.weight_mib <= COALESCE((SELECT total FROM budget), j.weight_mib)
+             ORDER BY {INDEX_ORDER} LIMIT {LEASE_WINDOW}),
+         ranked AS (
+             SELECT c.*, c.weight_mib <= COALESCE(budget.free, c.weight_mib) AS fits,
+                    COALESCE(bool_or(c.overdue AND c.weight_mib > budget.free)
+                             OVER (ORDER BY {LEASE_ORDER} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), false) AS held_back
+             FROM candidates c, budget),
+         picked AS (
              UPDATE jobs SET status = 'leased', lease_id = $1, leased_to = $2, attempts = attempts + 1,
                     lease_deadline = now() + make_interval(secs => $5), leased_at = now()
-             WHERE id = (
-                 SELECT id FROM jobs
-                 WHERE status = 'queued' AND kind = $3
-                   AND (cardinality($4::int[]) = 0 OR (protocol_minor * 65536 + protocol_patch) = ANY($4))
-                   AND (cardinality($6::int[]) = 0 OR (aggregation_round * 256 + circuit_id) = ANY($6))
-                 ORDER BY priority DESC, batch_number, id
-                 LIMIT 1 FOR UPDATE SKIP LOCKED)
+             WHERE status = 'queued'
+               AND id = (SELECT id FROM ranked WHERE fits AND NOT held_back ORDER BY {LEASE_ORDER} LIMIT 1)
              RETURNING *),
          history AS (INSERT INTO leases (lease_id, job_id, worker) SELECT lease_id, id, leased_to FROM picked)
          SELECT p.id, p.lease_id, p.batch_number, p.kind, p.aggregation_round, p.circuit_id, p.depth,
                 p.sequence_number, p.protocol_minor, p.protocol_patch, p.input_key, p.output_key,
                 (extract(epoch FROM p.lease_deadline) * 1000)::bigint AS deadline_ms, b.geometry,
-                COALESCE(extract(epoch FROM now() - p.queued_at), 0)::float8 AS waited_secs
-         FROM picked p JOIN batches b USING (batch_number)",
+                COALESCE(extract(epoch FROM now() - p.queued_at), 0)::float8 AS waited_secs, p.weight_mib
+         FROM picked p JOIN batches b USING (batch_number)"
     )
-    .bind(Uuid::new_v4())
-    .bind(worker)
-    .bind(kind.as_str())
-    .bind(versions)
-    .bind(lease_secs)
-    .bind(pairs)
-    .fetch_optional(pool)
-    .await?;
+}
+
+/// Leases the most urgent queued job that `ask`'s worker can take, in one statement. Eligible:
+/// status queued, the worker's kind, versions and pairs, and a weight within its whole budget.
+/// Among the [`LEASE_WINDOW`] most urgent eligible jobs ([`INDEX_ORDER`]), the first in
+/// [`LEASE_ORDER`] (setup-data affinity breaking ties within a batch's round) whose weight
+/// fits the free budget is leased, unless a job before it has waited past `reserve_after_secs`
+/// and does not fit: then nothing, so memory frees up for it. Returns `None` when nothing is
+/// leasable for it.
+pub async fn lease(pool: &PgPool, ask: &LeaseAsk<'_>) -> Result<Option<LeasedJob>, DbError> {
+    static SQL: std::sync::LazyLock<[String; 4]> = std::sync::LazyLock::new(|| {
+        [lease_sql(false, false), lease_sql(true, false), lease_sql(false, true), lease_sql(true, true)]
+    });
+    let sql = &SQL[usize::from(!ask.versions.is_empty()) + 2 * usize::from(!ask.pairs.is_empty())];
+    let job = sqlx::query_as::<_, LeasedJob>(sqlx::AssertSqlSafe(sql.as_str()))
+        .bind(Uuid::new_v4())
+        .bind(ask.worker)
+        .bind(ask.kind.as_str())
+        .bind(ask.versions)
+        .bind(ask.lease_secs)
+        .bind(ask.pairs)
+        .bind(ask.budget_mib)
+        .bind(ask.prover_budget_mib)
+        .bind(ask.prover_leases)
+        .bind(ask.warm)
+        .bind(ask.warm_own)
+        .bind(ask.reserve_after_secs)
+        .fetch_optional(pool)
+        .await?;
     Ok(job)
+}
+
+/// Recomputes the lease order key (`jobs.urgency`) of every unfinished job for `ageing_secs`: the
+/// scheduler does this when it starts, so a changed `--priority-ageing-secs` applies to the queue.
+pub async fn rerank(pool: &PgPool, ageing_secs: f64) -> Result<u64, DbError> {
+    Ok(sqlx::query(
+        "UPDATE jobs j SET urgency = j.priority * $1 - extract(epoch FROM b.created_at)::float8
+         FROM batches b WHERE b.batch_number = j.batch_number AND j.status IN ('waiting', 'queued', 'leased')",
+    )
+    .bind(ageing_secs)
+    .execute(pool)
+    .await?
+    .rows_affected())
 }
 
 /// The output keys and depths of a job's inputs, in input order.
@@ -481,7 +621,7 @@ pub async fn complete(
     lease: Uuid,
     counts: &[(CircuitId, u32)],
     compute_secs: f64,
-    max_attempts: &MaxAttempts,
+    settings: &Settings,
 ) -> Result<Completion, DbError> {
     let mut tx = pool.begin().await?;
     let Some(claim) = claim_success(&mut tx, lease, compute_secs).await? else {
@@ -501,8 +641,7 @@ pub async fn complete(
             let batch_no = BatchNumber(u32::try_from(batch).map_err(|_| DbError::Invalid(format!("batch {batch}")))?);
             match graph::plan(batch_no, &g, counts) {
                 Ok(jobs) => {
-                    let settings = (max_attempts, priority, minor, patch);
-                    done.queued = insert_graph(&mut tx, batch, &jobs, settings).await?;
+                    done.queued = insert_graph(&mut tx, batch, &jobs, settings, (priority, minor, patch)).await?;
                 }
                 Err(e) => {
                     fail_batch(&mut tx, batch, &format!("round-0 witness generation: {e}")).await?;
@@ -532,7 +671,8 @@ async fn insert_graph(
     tx: &mut Transaction<'_, Postgres>,
     batch: i64,
     jobs: &[NewJob],
-    (max_attempts, priority, minor, patch): (&MaxAttempts, i32, i32, i32),
+    settings: &Settings,
+    (priority, minor, patch): (i32, i32, i32),
 ) -> Result<u64, DbError> {
     let mut ids = Vec::with_capacity(jobs.len());
     let mut queued = 0;
@@ -541,8 +681,10 @@ async fn insert_graph(
         queued += u64::from(ready);
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO jobs (batch_number, kind, aggregation_round, circuit_id, depth, sequence_number, status,
-                               max_attempts, priority, protocol_minor, protocol_patch, input_key, output_key, queued_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, CASE WHEN $7 = 'queued' THEN now() END)
+                               max_attempts, priority, protocol_minor, protocol_patch, input_key, output_key, queued_at,
+                               weight_mib, urgency)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, CASE WHEN $7 = 'queued' THEN now() END, $14,
+                     $9 * $15 - (SELECT extract(epoch FROM created_at)::float8 FROM batches WHERE batch_number = $1))
              RETURNING id",
         )
         .bind(batch)
@@ -552,12 +694,14 @@ async fn insert_graph(
         .bind(i16::from(job.depth))
         .bind(job.sequence_number as i32)
         .bind(if ready { "queued" } else { "waiting" })
-        .bind(max_attempts.of(job.kind))
+        .bind(settings.max_attempts.of(job.kind))
         .bind(priority)
         .bind(minor)
         .bind(patch)
         .bind(&job.input_key)
         .bind(&job.output_key)
+        .bind(settings.policy.job_weights.of(job.kind, job.round, job.circuit_id))
+        .bind(settings.policy.ageing_secs)
         .fetch_one(&mut **tx)
         .await?;
         ids.push(id);

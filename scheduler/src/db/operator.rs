@@ -128,12 +128,13 @@ pub async fn queue_depth(pool: &PgPool) -> Result<(Vec<DepthRow>, f64), DbError>
     Ok((rows, oldest))
 }
 
-/// Per connection id: last heartbeat (Unix milliseconds) and leases attached to it now.
-pub async fn worker_activity(pool: &PgPool, ids: &[String]) -> Result<Vec<(String, i64, i64)>, DbError> {
+/// Per connection id: last heartbeat (Unix milliseconds), leases attached to it now, and the sum
+/// of their weights (MiB).
+pub async fn worker_activity(pool: &PgPool, ids: &[String]) -> Result<Vec<(String, i64, i64, i64)>, DbError> {
     Ok(sqlx::query_as(
-        "SELECT w.id, (extract(epoch FROM w.last_seen) * 1000)::bigint,
-                (SELECT count(*) FROM jobs j WHERE j.leased_to = w.id AND j.status = 'leased')
-         FROM workers w WHERE w.id = ANY($1)",
+        "SELECT w.id, (extract(epoch FROM w.last_seen) * 1000)::bigint, count(j.id), COALESCE(sum(j.weight_mib), 0)::bigint
+         FROM workers w LEFT JOIN jobs j ON j.leased_to = w.id AND j.status = 'leased'
+         WHERE w.id = ANY($1) GROUP BY w.id, w.last_seen",
     )
     .bind(ids)
     .fetch_all(pool)
@@ -217,7 +218,7 @@ pub async fn cancel_batch(pool: &PgPool, batch: i64, error: &str) -> Result<Opti
 }
 
 /// Sets a batch's priority and its unfinished jobs'. Returns whether the batch exists.
-pub async fn set_batch_priority(pool: &PgPool, batch: i64, priority: i32) -> Result<bool, DbError> {
+pub async fn set_batch_priority(pool: &PgPool, batch: i64, priority: i32, ageing_secs: f64) -> Result<bool, DbError> {
     let mut tx = pool.begin().await?;
     let found = sqlx::query("UPDATE batches SET priority = $2 WHERE batch_number = $1")
         .bind(batch)
@@ -226,10 +227,15 @@ pub async fn set_batch_priority(pool: &PgPool, batch: i64, priority: i32) -> Res
         .await?
         .rows_affected()
         == 1;
-    sqlx::query("UPDATE jobs SET priority = $2 WHERE batch_number = $1 AND status IN ('waiting', 'queued', 'leased')")
-        .bind(batch)
-        .bind(priority)
-        .execute(&mut *tx)
+    sqlx::query(
+        "UPDATE jobs j SET priority = $2, urgency = $2 * $3 - extract(epoch FROM b.created_at)::float8
+         FROM batches b WHERE b.batch_number = j.batch_number
+           AND j.batch_number = $1 AND j.status IN ('waiting', 'queued', 'leased')",
+    )
+    .bind(batch)
+    .bind(priority)
+    .bind(ageing_secs)
+    .execute(&mut *tx)
         .await?;
     tx.commit().await?;
     Ok(found)

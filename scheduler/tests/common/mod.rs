@@ -59,6 +59,7 @@ pub fn settings() -> Settings {
         zone_policy: ZonePolicy::SameZoneOnly,
         heartbeat_ms: 1000,
         prover_groups: None,
+        policy: Default::default(),
     }
 }
 
@@ -147,7 +148,13 @@ impl RawWorker {
     /// Heartbeats `leases`.
     pub fn heartbeat(&self, leases: &[&str]) {
         let lease_ids = leases.iter().map(|l| l.to_string()).collect();
-        self.tx.send(msg(worker_message::Msg::Heartbeat(v1::Heartbeat { lease_ids }))).unwrap();
+        self.tx.send(msg(worker_message::Msg::Heartbeat(v1::Heartbeat { lease_ids, loaded_setups: vec![] }))).unwrap();
+    }
+
+    /// A heartbeat renewing nothing, reporting `loaded` setups.
+    pub fn heartbeat_with_setups(&self, loaded: &[v1::CircuitPair]) {
+        let h = v1::Heartbeat { lease_ids: vec![], loaded_setups: loaded.to_vec() };
+        self.tx.send(msg(worker_message::Msg::Heartbeat(h))).unwrap();
     }
 
     /// The next message, which must be a lease.
@@ -171,6 +178,8 @@ pub fn register(role: v1::Role, zone: &str, host: &str, capacity: u32, endpoint:
         name: String::new(),
         held_leases: vec![],
         prover_group: None,
+        memory_budget_mib: 0,
+        loaded_setups: vec![],
     }
 }
 

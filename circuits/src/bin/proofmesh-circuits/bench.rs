@@ -21,10 +21,14 @@ struct Figures {
     witness_secs: f64,
     prove_secs: f64,
     peak_rss: u64,
+    /// The job's own peak (peak RSS minus RSS at its start), bytes.
+    job_peak: u64,
     proof_bytes: usize,
 }
 
-pub fn run(setup_dir: &Path, samples: &Path, geometry: Geometry) -> anyhow::Result<()> {
+/// Runs the benchmark; with `weights_out`, also writes the scheduler's job weights there (the
+/// `--job-weights` file: each `(aggregation_round, circuit_id)`'s largest job peak, MiB).
+pub fn run(setup_dir: &Path, samples: &Path, geometry: Geometry, weights_out: Option<&Path>) -> anyhow::Result<()> {
     let mut batches = vec![];
     for entry in std::fs::read_dir(samples)? {
         let path = entry?.path();
@@ -52,6 +56,7 @@ pub fn run(setup_dir: &Path, samples: &Path, geometry: Geometry) -> anyhow::Resu
         f.witness_secs += r.witness_secs;
         f.prove_secs += r.prove_secs;
         f.peak_rss = f.peak_rss.max(r.peak_rss_bytes.unwrap_or(0));
+        f.job_peak = f.job_peak.max(r.peak_rss_bytes.unwrap_or(0).saturating_sub(r.rss_before_bytes.unwrap_or(0)));
         f.proof_bytes = r.proof_bytes;
     };
     let start = Instant::now();
@@ -65,8 +70,8 @@ pub fn run(setup_dir: &Path, samples: &Path, geometry: Geometry) -> anyhow::Resu
     let sources = store.sources();
     println!();
     println!(
-        "{:<15} {:>5} {:>5} {:>18} {:>11} {:>11} {:>10} {:>11}",
-        "circuit", "jobs", "log2", "setup", "witness s", "prove s", "peak MiB", "proof B"
+        "{:<15} {:>5} {:>5} {:>18} {:>11} {:>11} {:>10} {:>9} {:>11}",
+        "circuit", "jobs", "log2", "setup", "witness s", "prove s", "peak MiB", "job MiB", "proof B"
     );
     for (key, f) in &per_circuit {
         let setup = match sources.get(key) {
@@ -75,7 +80,7 @@ pub fn run(setup_dir: &Path, samples: &Path, geometry: Geometry) -> anyhow::Resu
             None => "-".into(),
         };
         println!(
-            "{:<15} {:>5} {:>5} {:>18} {:>11.3} {:>11.3} {:>10.0} {:>11}",
+            "{:<15} {:>5} {:>5} {:>18} {:>11.3} {:>11.3} {:>10.0} {:>9.0} {:>11}",
             key.name(),
             f.jobs,
             f.degree_bits,
@@ -83,8 +88,13 @@ pub fn run(setup_dir: &Path, samples: &Path, geometry: Geometry) -> anyhow::Resu
             f.witness_secs / f.jobs as f64,
             f.prove_secs / f.jobs as f64,
             f.peak_rss as f64 / (1024.0 * 1024.0),
+            f.job_peak as f64 / (1024.0 * 1024.0),
             f.proof_bytes
         );
+    }
+    if let Some(path) = weights_out {
+        write_weights(path, geometry, &batch_label(&batch), &per_circuit)?;
+        println!("job weights written to {}", path.display());
     }
     let scheduler = per_circuit.get(&CircuitKey::Scheduler).map_or(0, |f| f.proof_bytes);
     let final_bytes = proof.to_bytes().len();
@@ -96,5 +106,33 @@ pub fn run(setup_dir: &Path, samples: &Path, geometry: Geometry) -> anyhow::Resu
         proof.uncompressed_bytes,
         final_bytes as f64 / scheduler as f64
     );
+    Ok(())
+}
+
+fn batch_label(batch: &Batch) -> String {
+    format!("batch {} ({} transactions)", batch.number, batch.transactions.len())
+}
+
+/// Writes the scheduler's `--job-weights` file: per `(aggregation_round, circuit_id)` (node
+/// depths together; compression is round 5) the largest job peak measured, MiB, at least 1.
+fn write_weights(path: &Path, geometry: Geometry, label: &str, per_circuit: &BTreeMap<CircuitKey, Figures>) -> anyhow::Result<()> {
+    let mut by_pair: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+    for (key, f) in per_circuit {
+        let round = key.round().map_or(5, |r| r as u32);
+        let mib = (f.job_peak as f64 / (1024.0 * 1024.0)).ceil().max(1.0) as u64;
+        let e = by_pair.entry((round, u32::from(key.circuit_id().0))).or_default();
+        *e = (*e).max(mib);
+    }
+    let mut out = format!(
+        "# Job weights for the scheduler's --job-weights: each (aggregation_round, circuit_id)'s peak\n\
+         # memory while its witness vector is synthesized and proven, MiB (peak RSS minus RSS at the\n\
+         # job's start, its setup data loaded), measured by `make bench` on {label}.\n\
+         # Compression is round 5. Regenerate with `make bench`.\n\
+         geometry = \"{geometry}\"\n"
+    );
+    for ((round, id), mib) in by_pair {
+        out.push_str(&format!("\n[[weight]]\naggregation_round = {round}\ncircuit_id = {id}\npeak_mib = {mib}\n"));
+    }
+    std::fs::write(path, out)?;
     Ok(())
 }

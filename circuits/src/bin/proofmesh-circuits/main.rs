@@ -125,6 +125,9 @@ enum Command {
         samples: PathBuf,
         #[command(flatten)]
         geometry: GeometryArgs,
+        /// Also write the scheduler's job weights (peak memory per circuit) to this file.
+        #[arg(long)]
+        weights_out: Option<PathBuf>,
     },
 }
 
@@ -185,7 +188,9 @@ fn main() -> anyhow::Result<()> {
             let proof = prove(&circuit, wv)?;
             std::fs::write(&out, proof.to_bytes()).with_context(|| format!("writing {}", out.display()))?;
         }
-        Command::Bench { samples, geometry } => bench::run(&cli.setup_dir, &samples, geometry.geometry())?,
+        Command::Bench { samples, geometry, weights_out } => {
+            bench::run(&cli.setup_dir, &samples, geometry.geometry(), weights_out.as_deref())?
+        }
     }
     Ok(())
 }
