@@ -42,10 +42,12 @@ demo:
 	$(CARGO) build --workspace --bins
 	GEOMETRY=$(GEOMETRY) SETUP_DIR=$(SETUP_DIR) scripts/demo.sh
 
-# Circuit figures first (they also build the setup cache the cluster benchmark loads), then the
-# cluster's: dispatch latency, witness-vector stream throughput, batch efficiency.
+# Circuit figures first (they also build the setup cache the cluster benchmark loads, and write
+# the job weights: peak memory per circuit, for the scheduler's --job-weights), then the
+# cluster's: dispatch latency and lease throughput, setup-data affinity, witness-vector stream
+# throughput, batch efficiency.
 bench: build
-	PROOFMESH_SETUP_DIR=$(SETUP_DIR) $(BIN) bench --samples samples --geometry $(GEOMETRY)
+	PROOFMESH_SETUP_DIR=$(SETUP_DIR) $(BIN) bench --samples samples --geometry $(GEOMETRY) --weights-out scheduler/job-weights.toml
 	scripts/with-postgres.sh target/debug/proofmesh-bench all --geometry $(GEOMETRY) --setup-dir $(SETUP_DIR)
 
 samples: build

@@ -157,8 +157,20 @@ groups_toml = "[[group]]\nid = 3\ncircuits = [{ aggregation_round = 0, circuit_i
 defined = render({"scheduler": {"proverGroups": groups_toml}}, "scheduler.proverGroups")
 check("--prover-groups=/etc/proofmesh/prover-groups.toml" in container(kinds(defined, "Deployment", "scheduler")[0])["args"],
       "scheduler.proverGroups", "--prover-groups passed")
-check([c["data"]["prover-groups.toml"] for c in kinds(defined, "ConfigMap") if c["metadata"]["name"].endswith("prover-groups")] == [groups_toml],
+check([c["data"]["prover-groups.toml"] for c in kinds(defined, "ConfigMap") if c["metadata"]["name"].endswith("scheduling")] == [groups_toml],
       "scheduler.proverGroups", "groups file in a ConfigMap, verbatim")
+weights_toml = "[[weight]]\naggregation_round = 0\ncircuit_id = 1\npeak_mib = 900\n"
+policy = render({"scheduler": {"jobWeights": weights_toml, "priorityAgeingSecs": 60},
+                 "workerPools": [{"name": "v", "role": "wvg", "protocolVersions": ["0.1.0", "0.1.1"], "memoryBudgetMib": 8000}]},
+                "scheduling policy")
+sched_args = container(kinds(policy, "Deployment", "scheduler")[0])["args"]
+check("--job-weights=/etc/proofmesh/job-weights.toml" in sched_args and "--priority-ageing-secs=60" in sched_args,
+      "scheduling policy", "--job-weights and --priority-ageing-secs passed")
+check([c["data"].get("job-weights.toml") for c in kinds(policy, "ConfigMap") if c["metadata"]["name"].endswith("scheduling")] == [weights_toml],
+      "scheduling policy", "weights file in the scheduling ConfigMap, verbatim")
+pool_args = container(kinds(policy, "Deployment", "worker")[0])["args"]
+check("--protocol-version=0.1.0" in pool_args and "--protocol-version=0.1.1" in pool_args and "--memory-budget-mib=8000" in pool_args,
+      "scheduling policy", "a pool's versions and memory budget passed")
 
 # Bad values are refused (values.schema.json, or the chart's own checks).
 with helm.Chart.load(CHART) as chart:
@@ -166,6 +178,7 @@ with helm.Chart.load(CHART) as chart:
 pools[0]["role"] = "bogus"  # --set workerPools[0].role=bogus on the default pools
 refused({"workerPools": pools}, "workerPools[0].role=bogus", "workerPools/0/role")
 refused({"scheduler": {"geometry": "huge"}}, "geometry huge", "geometry")
+refused({"workerPools": [{"name": "p", "role": "wvg", "protocolVersions": ["latest"]}]}, "protocol version latest", "protocolVersions")
 refused({"scheduler": {"enabled": False}}, "scheduler disabled without address", "address")
 refused({"workerPools": [{"name": "p", "role": "wvg", "replicaz": 2}]}, "typo in a pool key", "replicaz")
 refused({"workerPools": [{"name": "p", "role": "wvg"}, {"name": "p", "role": "prover"}]}, "duplicate pool name", "used twice")

@@ -26,8 +26,9 @@ struct Prover {
 /// the batch, and prints both counts and the saving.
 pub async fn run(batch_file: &std::path::Path, geometry: Geometry, provers: usize, copies: u32) -> anyhow::Result<()> {
     let input = std::fs::read(batch_file)?;
+    let number = proofmesh_core::batch::Batch::from_bytes(&input)?.number;
     let job = WgJob {
-        batch: BatchNumber(1),
+        batch: number,
         version: ProtocolVersion::CURRENT,
         geometry,
         round: AggregationRound::BasicCircuits,

@@ -76,6 +76,7 @@ pub fn settings(geometry: Geometry) -> Settings {
         heartbeat_ms: 10_000,
         prover_groups: None,
         policy: Policy::default(),
+        housekeeping: None,
     }
 }
 

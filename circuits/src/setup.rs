@@ -259,6 +259,21 @@ impl SetupStore {
         Ok(v)
     }
 
+    /// The verification key hash of the final (compression) circuit, as the scheduler's protocol
+    /// version table records it: its plonky2 `circuit_digest` (4 Goldilocks elements, each 8
+    /// bytes little-endian), 64 lowercase hex digits. Builds the setup chain if it is not cached.
+    pub fn vk_hash(&self) -> anyhow::Result<String> {
+        use plonky2::field::types::PrimeField64;
+        let v = self.verifier(CircuitKey::Compression)?;
+        Ok(v.verifier_only
+            .circuit_digest
+            .elements
+            .iter()
+            .flat_map(|e| e.to_canonical_u64().to_le_bytes())
+            .map(|b| format!("{b:02x}"))
+            .collect())
+    }
+
     /// Drops the circuits held in memory (their verifier data stays). Call between rounds to
     /// bound memory: a circuit's prover data is 10s to 100s of MB.
     pub fn release(&self) {

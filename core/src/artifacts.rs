@@ -46,6 +46,9 @@ pub trait ArtifactStore: Send + Sync + std::fmt::Debug {
     async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), ArtifactError>;
     /// Reads the artifact under `key`. Errors: [`ArtifactError::NotFound`] if there is none.
     async fn get(&self, key: &str) -> Result<Vec<u8>, ArtifactError>;
+    /// Deletes every artifact whose key starts with `prefix/` (e.g. [`keys::batch_prefix`]).
+    /// Returns how many were deleted; none is not an error.
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64, ArtifactError>;
 }
 
 /// An artifact store in a local directory: key `a/b/c` is the file `<root>/a/b/c`.
@@ -104,6 +107,38 @@ impl ArtifactStore for LocalStore {
             }
         })
     }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<u64, ArtifactError> {
+        let dir = self.path(prefix)?;
+        let key = prefix.to_string();
+        tokio::task::spawn_blocking(move || {
+            let io = |source| ArtifactError::Io { key: key.clone(), source };
+            let mut files = 0u64;
+            let mut stack = vec![dir.clone()];
+            while let Some(d) = stack.pop() {
+                let entries = match std::fs::read_dir(&d) {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io(e)),
+                };
+                for entry in entries {
+                    let entry = entry.map_err(io)?;
+                    if entry.file_type().map_err(io)?.is_dir() {
+                        stack.push(entry.path());
+                    } else {
+                        files += 1;
+                    }
+                }
+            }
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(files),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+                Err(e) => Err(io(e)),
+            }
+        })
+        .await
+        .map_err(|e| ArtifactError::Io { key: prefix.into(), source: std::io::Error::other(e) })?
+    }
 }
 
 /// A temporary file name beside `path` (`.<name>.tmp-<random>`), unique per writer even among
@@ -120,6 +155,11 @@ pub fn temporary_path(path: &std::path::Path) -> std::path::PathBuf {
 /// (which records them) and the workers (which read and write them).
 pub mod keys {
     use crate::{AggregationRound, BatchNumber, CircuitId};
+
+    /// Every artifact of a batch is under this prefix: `batches/000042`.
+    pub fn batch_prefix(batch: BatchNumber) -> String {
+        format!("batches/{:06}", batch.0)
+    }
 
     /// The batch file as the gateway received it: `batches/000042/batch.bin`.
     pub fn batch_input(batch: BatchNumber) -> String {
@@ -146,6 +186,23 @@ pub mod keys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn deleting_a_batch_prefix_removes_its_artifacts_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        let (one, two) = (crate::BatchNumber(1), crate::BatchNumber(2));
+        let r0 = crate::AggregationRound::BasicCircuits;
+        store.put(&keys::batch_input(one), b"b".to_vec()).await.unwrap();
+        store.put(&keys::proof(one, r0, crate::CircuitId(1), 0, 0), b"p".to_vec()).await.unwrap();
+        store.put(&keys::final_proof(one), b"f".to_vec()).await.unwrap();
+        store.put(&keys::batch_input(two), b"b2".to_vec()).await.unwrap();
+        assert_eq!(store.delete_prefix(&keys::batch_prefix(one)).await.unwrap(), 3);
+        assert!(matches!(store.get(&keys::final_proof(one)).await, Err(ArtifactError::NotFound { .. })));
+        assert_eq!(store.get(&keys::batch_input(two)).await.unwrap(), b"b2");
+        assert_eq!(store.delete_prefix(&keys::batch_prefix(one)).await.unwrap(), 0, "nothing left is not an error");
+        assert!(matches!(store.delete_prefix("../x").await, Err(ArtifactError::InvalidKey { .. })));
+    }
 
     #[tokio::test]
     async fn put_then_get_and_overwrite() {

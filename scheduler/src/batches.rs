@@ -173,7 +173,12 @@ impl v1::batches_server::Batches for BatchService {
         let Some(key) = row.proof_key.filter(|_| row.status == "proven") else {
             return Err(Status::failed_precondition(format!("batch {number} is {}, not proven", row.status)));
         };
-        let proof = self.shared.artifacts.get(&key).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        let proof = self.shared.artifacts.get(&key).await.map_err(|e| match e {
+            proofmesh_core::ArtifactError::NotFound { .. } => Status::not_found(format!(
+                "batch {number}'s final proof is gone: the artifacts of finished batches are deleted after --artifact-retention-secs"
+            )),
+            e => Status::unavailable(e.to_string()),
+        })?;
         Ok(Response::new(v1::GetProofResponse { proof_key: key, proof }))
     }
 }

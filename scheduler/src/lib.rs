@@ -19,6 +19,7 @@ pub mod dispatch;
 pub mod expiry;
 pub mod graph;
 pub mod groups;
+pub mod housekeeper;
 pub mod readiness;
 pub mod registry;
 pub mod state;
@@ -33,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use groups::ProverGroups;
 pub use registry::ZonePolicy;
-pub use state::{MaxAttempts, Policy, Settings, Shared};
+pub use state::{Housekeeping, MaxAttempts, Policy, Settings, Shared};
 pub use weights::JobWeights;
 
 /// Applies the migrations in `scheduler/migrations` (idempotent). A database that knows no
@@ -71,11 +72,18 @@ pub async fn serve(
     readiness::not_serving(&health).await;
     let readiness = tokio::spawn(readiness::run(shared.clone(), health, cancel.clone()));
     let gauges = tokio::spawn(telemetry::run(shared.clone(), cancel.clone()));
+    let housekeeper = shared.settings.housekeeping.map(|h| {
+        let interval = std::time::Duration::from_secs_f64(h.interval_secs.max(0.01));
+        tokio::spawn(housekeeper::run(shared.clone(), h.retention_secs, interval, cancel.clone()))
+    });
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     router.serve_with_incoming_shutdown(incoming, cancel.cancelled_owned()).await?;
     dispatcher.await?;
     expiry.await?;
     readiness.await?;
     gauges.await?;
+    if let Some(h) = housekeeper {
+        h.await?;
+    }
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use proofmesh_core::{Geometry, LocalStore};
-use proofmesh_scheduler::{JobWeights, MaxAttempts, Policy, ProverGroups, Settings, Shared, ZonePolicy};
+use proofmesh_scheduler::{Housekeeping, JobWeights, MaxAttempts, Policy, ProverGroups, Settings, Shared, ZonePolicy};
 use tokio_util::sync::CancellationToken;
 
 /// A named geometry.
@@ -85,6 +85,17 @@ struct Args {
     /// Do not prefer jobs whose setup data is loaded on the worker (for comparisons).
     #[arg(long, env = "PROOFMESH_NO_SETUP_AFFINITY")]
     no_setup_affinity: bool,
+    /// Delete the artifacts of a proven or failed batch (circuit inputs, proofs, the final proof,
+    /// the batch file) and its lease history this many seconds after it finished; never those of
+    /// a batch still proving.
+    #[arg(long, env = "PROOFMESH_ARTIFACT_RETENTION_SECS", default_value_t = 604_800.0)]
+    artifact_retention_secs: f64,
+    /// Seconds between the house keeper's passes.
+    #[arg(long, env = "PROOFMESH_HOUSEKEEPING_INTERVAL_SECS", default_value_t = 60.0)]
+    housekeeping_interval_secs: f64,
+    /// Keep every artifact for ever (no house keeper).
+    #[arg(long, env = "PROOFMESH_KEEP_ARTIFACTS")]
+    keep_artifacts: bool,
     /// Database connections.
     #[arg(long, env = "PROOFMESH_DATABASE_CONNECTIONS", default_value_t = 16)]
     database_connections: u32,
@@ -163,6 +174,10 @@ async fn main() -> anyhow::Result<()> {
         heartbeat_ms: args.heartbeat_interval_ms,
         prover_groups,
         policy,
+        housekeeping: (!args.keep_artifacts).then_some(Housekeeping {
+            retention_secs: args.artifact_retention_secs.max(0.0),
+            interval_secs: args.housekeeping_interval_secs.max(1.0),
+        }),
     };
     let shared = Shared::new(pool, settings, Arc::new(LocalStore::new(&args.data_dir)));
     let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;

@@ -62,6 +62,17 @@ pub struct Settings {
     pub prover_groups: Option<ProverGroups>,
     /// The order rules' settings.
     pub policy: Policy,
+    /// The house keeper's; `None`: artifacts are kept for ever.
+    pub housekeeping: Option<Housekeeping>,
+}
+
+/// When the house keeper deletes the artifacts of finished batches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Housekeeping {
+    /// Seconds after a batch is proven or failed (`--artifact-retention-secs`, 7 days).
+    pub retention_secs: f64,
+    /// Seconds between passes (`--housekeeping-interval-secs`, 60).
+    pub interval_secs: f64,
 }
 
 /// Settings of the order rules (docs/scheduling.md).

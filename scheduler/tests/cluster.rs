@@ -147,7 +147,11 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
             .collect()
     };
     for (name, role, zone) in [("wg", "witness-generator", "a"), ("wvg-a", "wvg", "a"), ("prover-a", "prover", "a")] {
-        let args = worker(name, role, zone);
+        let mut args = worker(name, role, zone);
+        if role != "witness-generator" {
+            // The version a fresh database knows: declared, so registration checks it.
+            args.extend(["--protocol-version".to_string(), "0.1.0".to_string()]);
+        }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         spawn(&mut procs, &logs, name, "proofmesh-worker", &args);
     }
@@ -232,6 +236,15 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
     assert!(sent > 0.0 && sent == received, "witness-vector bytes sent {sent}, received {received}");
     let gateway_m = parse_metrics(&gateway_metrics.expect("the gateway served metrics while it ran"));
     assert!(sum(&gateway_m, "proofmesh_gateway_batches_total", "outcome", "rejected") >= 1.0, "the malformed file is counted");
+
+    // The prover reported the setups it loaded (setup-data affinity) and its declared version.
+    let workers = rt.block_on(async {
+        let mut admin = proofmesh_proto::v1::admin_client::AdminClient::connect(scheduler.clone()).await.unwrap();
+        admin.list_workers(proofmesh_proto::v1::ListWorkersRequest {}).await.unwrap().into_inner().workers
+    });
+    let prover = workers.iter().find(|w| w.role == proofmesh_proto::v1::Role::Prover as i32).expect("the prover is connected");
+    assert!(!prover.loaded_setups.is_empty(), "the prover reports its loaded setups: {prover:?}");
+    assert_eq!(prover.protocol_versions, [proofmesh_proto::v1::ProtocolVersion { minor: 1, patch: 0 }]);
 
     // Every process is still up: nothing crashed along the way.
     for (name, c) in &mut procs.0 {

@@ -240,3 +240,39 @@ pub async fn set_batch_priority(pool: &PgPool, batch: i64, priority: i32, ageing
     tx.commit().await?;
     Ok(found)
 }
+
+/// Finished batches (proven or failed) whose artifacts are still there and that finished more than
+/// `retention_secs` ago: at most `limit`, oldest first.
+pub async fn batches_to_clean(pool: &PgPool, retention_secs: f64, limit: i64) -> Result<Vec<i64>, DbError> {
+    Ok(sqlx::query_scalar(
+        "SELECT batch_number FROM batches
+         WHERE artifacts_deleted_at IS NULL AND status <> 'proving' AND finished_at < now() - make_interval(secs => $1)
+         ORDER BY finished_at LIMIT $2",
+    )
+    .bind(retention_secs)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Records that a finished batch's artifacts are deleted and deletes its lease history. Returns the
+/// leases deleted. Never applies to a batch still proving.
+pub async fn mark_cleaned(pool: &PgPool, batch: i64) -> Result<u64, DbError> {
+    let mut tx = pool.begin().await?;
+    let marked = sqlx::query("UPDATE batches SET artifacts_deleted_at = now() WHERE batch_number = $1 AND status <> 'proving'")
+        .bind(batch)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    let leases = if marked == 1 {
+        sqlx::query("DELETE FROM leases WHERE job_id IN (SELECT id FROM jobs WHERE batch_number = $1)")
+            .bind(batch)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+    } else {
+        0
+    };
+    tx.commit().await?;
+    Ok(leases)
+}

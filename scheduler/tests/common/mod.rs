@@ -60,6 +60,7 @@ pub fn settings() -> Settings {
         heartbeat_ms: 1000,
         prover_groups: None,
         policy: Default::default(),
+        housekeeping: None,
     }
 }
 

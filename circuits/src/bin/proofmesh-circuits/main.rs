@@ -117,6 +117,12 @@ enum Command {
         #[command(flatten)]
         geometry: GeometryArgs,
     },
+    /// Prints the final circuit's verification key hash (64 hex digits) for a geometry: what
+    /// `Admin.RegisterProtocolVersion` records for the version of these circuits.
+    VkHash {
+        #[command(flatten)]
+        geometry: GeometryArgs,
+    },
     /// Prints per-circuit figures (gates, setup, witness and prove time, peak memory, proof size)
     /// and proves the largest batch in `samples`.
     Bench {
@@ -187,6 +193,10 @@ fn main() -> anyhow::Result<()> {
             let circuit = store.circuit(wv.key)?;
             let proof = prove(&circuit, wv)?;
             std::fs::write(&out, proof.to_bytes()).with_context(|| format!("writing {}", out.display()))?;
+        }
+        Command::VkHash { geometry } => {
+            let store = SetupStore::new(&cli.setup_dir, ProtocolVersion::CURRENT, geometry.geometry())?;
+            println!("{}", store.vk_hash()?);
         }
         Command::Bench { samples, geometry, weights_out } => {
             bench::run(&cli.setup_dir, &samples, geometry.geometry(), weights_out.as_deref())?
