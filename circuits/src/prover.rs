@@ -71,8 +71,15 @@ pub struct JobReport {
     pub rss_before_bytes: Option<u64>,
 }
 
-/// Resets the kernel's peak-RSS mark of this process (`/proc/self/clear_refs`, Linux >= 4.0).
+/// Resets the kernel's peak-RSS mark of this process (`/proc/self/clear_refs`, Linux >= 4.0),
+/// after handing the allocator's free memory back to the kernel (glibc `malloc_trim`), so the
+/// RSS at a job's start is what is live then, not what earlier, larger jobs left cached.
 fn reset_peak_rss() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
