@@ -89,9 +89,9 @@ impl v1::scheduler_server::Scheduler for WorkService {
             })?,
         };
         if !reg.protocol_versions.is_empty() {
-            let known = db::protocol_versions(&self.shared.pool).await.map_err(internal)?;
+            let known = db::known_versions(&self.shared.pool).await.map_err(internal)?;
             for v in &reg.protocol_versions {
-                if !known.iter().any(|k| k.minor as u32 == v.minor && k.patch as u32 == v.patch) {
+                if !known.iter().any(|&(minor, patch)| minor as u32 == v.minor && patch as u32 == v.patch) {
                     return Err(Status::invalid_argument(format!(
                         "protocol version 0.{}.{} is not registered with this scheduler (Admin.ListProtocolVersions; \
                          an operator registers it with Admin.RegisterProtocolVersion)",

@@ -36,6 +36,12 @@ pub async fn protocol_versions(pool: &PgPool) -> Result<Vec<VersionRow>, DbError
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(pool).await?)
 }
 
+/// Every known version as `(minor, patch)`, active or retired: what a worker may declare. One
+/// read of the small table (no counts), for registrations.
+pub async fn known_versions(pool: &PgPool) -> Result<Vec<(i32, i32)>, DbError> {
+    Ok(sqlx::query_as("SELECT minor, patch FROM protocol_versions").fetch_all(pool).await?)
+}
+
 async fn version(pool: &PgPool, minor: i32, patch: i32) -> Result<Option<VersionRow>, DbError> {
     let sql = format!("SELECT {COLUMNS} FROM protocol_versions v WHERE v.minor = $1 AND v.patch = $2");
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(minor).bind(patch).fetch_optional(pool).await?)
