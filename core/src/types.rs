@@ -34,6 +34,11 @@ impl ProtocolVersion {
     pub fn packed(self) -> u32 {
         (u32::from(self.minor) << 16) | u32::from(self.patch)
     }
+
+    /// The inverse of [`ProtocolVersion::packed`].
+    pub fn from_packed(packed: u32) -> Self {
+        ProtocolVersion { minor: (packed >> 16) as u16, patch: packed as u16 }
+    }
 }
 
 impl std::str::FromStr for ProtocolVersion {

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use proofmesh_core::ProtocolVersion;
 use proofmesh_proto::v1;
 use tonic::{Request, Response, Status};
 
@@ -132,14 +133,10 @@ impl v1::admin_server::Admin for AdminService {
                 draining: c.draining,
                 prover_endpoint: c.prover_endpoint.clone(),
                 prover_group: c.prover_group,
-                protocol_versions: c.versions.iter().map(|&v| db::proto_version(v >> 16, v & 0xffff)).collect(),
+                protocol_versions: c.versions.iter().map(|&v| ProtocolVersion::from_packed(v as u32).into()).collect(),
                 memory_budget_mib: c.memory_budget_mib,
                 memory_used_mib: 0,
-                loaded_setups: c
-                    .loaded_setups
-                    .iter()
-                    .map(|&p| v1::CircuitPair { aggregation_round: (p >> 8) as u32, circuit_id: (p & 0xff) as u32 })
-                    .collect(),
+                loaded_setups: c.loaded_setups.iter().map(|&p| crate::groups::unpack(p)).collect(),
             })
             .collect();
         let ids: Vec<String> = workers.iter().map(|w| w.id.clone()).collect();
@@ -289,7 +286,7 @@ fn version_arg(v: Option<&v1::ProtocolVersion>) -> Result<(i32, i32), Status> {
 impl AdminService {
     /// A version row with the connected workers that prove it (declared it, or declared none).
     fn version_info(&self, r: db::VersionRow) -> v1::ProtocolVersionInfo {
-        let packed = r.minor * 65536 + r.patch;
+        let packed = ProtocolVersion { minor: r.minor as u16, patch: r.patch as u16 }.packed() as i32;
         let mut workers = std::collections::HashMap::new();
         for c in self.shared.registry().all() {
             if c.versions.is_empty() || c.versions.contains(&packed) {

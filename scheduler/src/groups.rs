@@ -31,6 +31,16 @@ pub fn pack(round: u8, circuit_id: u8) -> PackedPair {
     i32::from(round) * 256 + i32::from(circuit_id)
 }
 
+/// Packs pairs as the API gives them; pairs out of range (above 255) are dropped.
+pub fn pack_all(pairs: &[proofmesh_proto::v1::CircuitPair]) -> Vec<PackedPair> {
+    pairs.iter().filter_map(|p| Some(pack(u8::try_from(p.aggregation_round).ok()?, u8::try_from(p.circuit_id).ok()?))).collect()
+}
+
+/// A packed pair as the API gives it.
+pub fn unpack(p: PackedPair) -> proofmesh_proto::v1::CircuitPair {
+    proofmesh_proto::v1::CircuitPair { aggregation_round: (p >> 8) as u32, circuit_id: (p & 0xff) as u32 }
+}
+
 /// The groups of a `--prover-groups` file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProverGroups {

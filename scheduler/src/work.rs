@@ -88,14 +88,18 @@ impl v1::scheduler_server::Scheduler for WorkService {
                 Status::invalid_argument(format!("unknown prover group {g}: the scheduler's groups are {:?}", groups.ids()))
             })?,
         };
-        if !reg.protocol_versions.is_empty() {
+        let versions = reg
+            .protocol_versions
+            .iter()
+            .map(|v| v.to_core().ok_or_else(|| Status::invalid_argument("a protocol version's minor and patch are below 65536")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if !versions.is_empty() {
             let known = db::known_versions(&self.shared.pool).await.map_err(internal)?;
-            for v in &reg.protocol_versions {
-                if !known.iter().any(|&(minor, patch)| minor as u32 == v.minor && patch as u32 == v.patch) {
+            for v in &versions {
+                if !known.contains(&(i32::from(v.minor), i32::from(v.patch))) {
                     return Err(Status::invalid_argument(format!(
-                        "protocol version 0.{}.{} is not registered with this scheduler (Admin.ListProtocolVersions; \
-                         an operator registers it with Admin.RegisterProtocolVersion)",
-                        v.minor, v.patch
+                        "protocol version {v} is not registered with this scheduler (Admin.ListProtocolVersions; \
+                         an operator registers it with Admin.RegisterProtocolVersion)"
                     )));
                 }
             }
@@ -131,11 +135,11 @@ impl v1::scheduler_server::Scheduler for WorkService {
             host: reg.host.clone(),
             capacity: reg.capacity,
             prover_endpoint: reg.prover_endpoint.clone(),
-            versions: reg.protocol_versions.iter().map(|v| (v.minor * 65536 + v.patch) as i32).collect(),
+            versions: versions.iter().map(|v| v.packed() as i32).collect(),
             prover_group: reg.prover_group,
             pairs,
             memory_budget_mib: reg.memory_budget_mib,
-            loaded_setups: packed_pairs(&reg.loaded_setups),
+            loaded_setups: crate::groups::pack_all(&reg.loaded_setups),
             credits: 0,
             slots_used: 0,
             draining: false,
@@ -197,14 +201,6 @@ async fn renew(shared: &Shared, id: &str, leases: &[Uuid]) -> Result<Vec<Uuid>, 
     Ok(stale)
 }
 
-/// Pairs as the lease statement compares them (`round << 8 | circuit_id`); out-of-range ones dropped.
-fn packed_pairs(pairs: &[v1::CircuitPair]) -> Vec<crate::groups::PackedPair> {
-    pairs
-        .iter()
-        .filter_map(|p| Some(crate::groups::pack(u8::try_from(p.aggregation_round).ok()?, u8::try_from(p.circuit_id).ok()?)))
-        .collect()
-}
-
 fn parse_leases(ids: &[String]) -> Vec<Uuid> {
     ids.iter().filter_map(|s| Uuid::parse_str(s).ok()).collect()
 }
@@ -226,7 +222,7 @@ async fn serve_worker(shared: &Shared, id: &str, inbound: &mut Streaming<v1::Wor
             }
             Some(worker_message::Msg::Heartbeat(h)) => {
                 if let Some(conn) = shared.registry().get_mut(id) {
-                    conn.loaded_setups = packed_pairs(&h.loaded_setups);
+                    conn.loaded_setups = crate::groups::pack_all(&h.loaded_setups);
                 }
                 // A missed renewal is made good by the next heartbeat, well before the deadline.
                 if let Err(e) = renew(shared, id, &parse_leases(&h.lease_ids)).await {
