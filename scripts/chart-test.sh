@@ -171,6 +171,14 @@ check([c["data"].get("job-weights.toml") for c in kinds(policy, "ConfigMap") if 
 pool_args = container(kinds(policy, "Deployment", "worker")[0])["args"]
 check("--protocol-version=0.1.0" in pool_args and "--protocol-version=0.1.1" in pool_args and "--memory-budget-mib=8000" in pool_args,
       "scheduling policy", "a pool's versions and memory budget passed")
+s3_url = "s3://proofs/mainnet?endpoint=https://storage.googleapis.com&region=auto"
+stored = render({"artifacts": {"url": s3_url, "credentialsSecret": "gcs-hmac"}}, "artifacts.url")
+for d in kinds(stored, "Deployment"):
+    c = container(d)
+    check(f"--artifacts={s3_url}" in c["args"] and {"secretRef": {"name": "gcs-hmac"}} in c.get("envFrom", []),
+          "artifacts.url", f"{d['metadata']['name']}: --artifacts URL and credentials passed")
+for d in kinds(rendered["defaults"], "Deployment"):
+    check("--artifacts=file:///var/lib/proofmesh/data" in container(d)["args"], "defaults", f"{d['metadata']['name']}: the volume's URL")
 
 # Bad values are refused (values.schema.json, or the chart's own checks).
 with helm.Chart.load(CHART) as chart:
@@ -178,6 +186,7 @@ with helm.Chart.load(CHART) as chart:
 pools[0]["role"] = "bogus"  # --set workerPools[0].role=bogus on the default pools
 refused({"workerPools": pools}, "workerPools[0].role=bogus", "workerPools/0/role")
 refused({"scheduler": {"geometry": "huge"}}, "geometry huge", "geometry")
+refused({"artifacts": {"url": "gs://bucket"}}, "artifacts.url gs://", "artifacts/url")
 refused({"workerPools": [{"name": "p", "role": "wvg", "protocolVersions": ["latest"]}]}, "protocol version latest", "protocolVersions")
 refused({"scheduler": {"enabled": False}}, "scheduler disabled without address", "address")
 refused({"workerPools": [{"name": "p", "role": "wvg", "replicaz": 2}]}, "typo in a pool key", "replicaz")

@@ -165,6 +165,22 @@ pub enum SetupSource {
     Built(Duration),
     /// Read from the disk cache.
     Loaded(Duration),
+    /// Fetched from the [`SetupMirror`] into the disk cache, then read.
+    Fetched(Duration),
+}
+
+/// A copy of the setup files that every worker can reach (the cluster's artifact store), so
+/// that setup data is built once per cluster, not once per machine: consulted before building,
+/// and given what is built. Files are named relative to the cache root
+/// (`v0.1-<geometry>-r<revision>/<circuit>.circuit` or `.verifier`).
+///
+/// Called from blocking threads. A mirror that fails logs why and answers `None` (the circuit
+/// is then built locally): it never makes setup data unavailable.
+pub trait SetupMirror: Send + Sync {
+    /// The bytes of `file`, or `None` if the mirror does not have it (or cannot be read).
+    fn fetch(&self, file: &str) -> Option<Vec<u8>>;
+    /// Stores `file` in the mirror (best effort).
+    fn publish(&self, file: &str, bytes: &[u8]);
 }
 
 /// Setup data for one protocol version and geometry, cached on disk under `root`.
@@ -174,6 +190,7 @@ pub struct SetupStore {
     verifiers: Mutex<HashMap<CircuitKey, Arc<VerifierCircuitData<F, C, D>>>>,
     circuits: Mutex<HashMap<CircuitKey, Arc<Circuit>>>,
     sources: Mutex<HashMap<CircuitKey, SetupSource>>,
+    mirror: Option<Arc<dyn SetupMirror>>,
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
@@ -199,7 +216,36 @@ impl SetupStore {
             verifiers: Mutex::default(),
             circuits: Mutex::default(),
             sources: Mutex::default(),
+            mirror: None,
         })
+    }
+
+    /// Fetches missing setup files from `mirror` before building them, and publishes what it
+    /// builds there.
+    pub fn with_mirror(mut self, mirror: Arc<dyn SetupMirror>) -> Self {
+        self.mirror = Some(mirror);
+        self
+    }
+
+    /// `file` of this store as the mirror names it: `<folder name>/<file>`.
+    fn mirror_name(&self, file: &str) -> String {
+        format!("{}/{file}", self.folder.file_name().and_then(|n| n.to_str()).unwrap_or_default())
+    }
+
+    /// Fetches `files` (all or none) from the mirror into the folder; whether it did.
+    fn fetch(&self, files: &[String]) -> anyhow::Result<bool> {
+        let Some(mirror) = &self.mirror else { return Ok(false) };
+        let mut fetched = Vec::new();
+        for file in files {
+            match mirror.fetch(&self.mirror_name(file)) {
+                Some(bytes) => fetched.push((file, bytes)),
+                None => return Ok(false),
+            }
+        }
+        for (file, bytes) in fetched {
+            write_atomic(&self.folder.join(file), &bytes)?;
+        }
+        Ok(true)
     }
 
     /// The geometry the circuits are built for.
@@ -234,6 +280,8 @@ impl SetupStore {
         let start = Instant::now();
         let (circuit, source) = if path.exists() {
             (self.load(key, &path)?, SetupSource::Loaded as fn(Duration) -> SetupSource)
+        } else if self.fetch(&[format!("{}.circuit", key.name()), format!("{}.verifier", key.name())])? {
+            (self.load(key, &path)?, SetupSource::Fetched as fn(Duration) -> SetupSource)
         } else {
             (self.build(key)?, SetupSource::Built as fn(Duration) -> SetupSource)
         };
@@ -247,7 +295,7 @@ impl SetupStore {
             return Ok(v.clone());
         }
         let path = self.folder.join(format!("{}.verifier", key.name()));
-        if !path.exists() {
+        if !path.exists() && !self.fetch(&[format!("{}.verifier", key.name())])? {
             // Building writes the verifier file; the prover data is not kept in memory here.
             self.obtain(key)?;
         }
@@ -343,12 +391,18 @@ impl SetupStore {
             .to_bytes(&DefaultGateSerializer, &DefaultGeneratorSerializer::<C, D>::default())
             .map_err(|_| anyhow::anyhow!("serializing setup data of {}", key.name()))?;
         bytes.extend_from_slice(&circuit);
-        write_atomic(&self.folder.join(format!("{}.circuit", key.name())), &bytes)?;
         let verifier = data
             .verifier_data()
             .to_bytes(&DefaultGateSerializer)
             .map_err(|_| anyhow::anyhow!("serializing verifier data of {}", key.name()))?;
-        write_atomic(&self.folder.join(format!("{}.verifier", key.name())), &verifier)?;
+        // The verifier file is written (and published) last: a reader that finds the circuit
+        // file also finds the verifier file.
+        for (file, bytes) in [(format!("{}.circuit", key.name()), &bytes), (format!("{}.verifier", key.name()), &verifier)] {
+            write_atomic(&self.folder.join(&file), bytes)?;
+            if let Some(mirror) = &self.mirror {
+                mirror.publish(&self.mirror_name(&file), bytes);
+            }
+        }
         Ok(Circuit { key, data, targets })
     }
 }

@@ -4,14 +4,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use proofmesh_circuits::basic::{chunk_inputs, BasicCircuit, BasicInput};
 use proofmesh_circuits::batch::Batch;
 use proofmesh_circuits::final_proof::{verify, VerifyError};
 use proofmesh_circuits::prover::{prove_batch, witness, JobInput, RoundReport};
 use proofmesh_circuits::sample::generate_batches;
-use proofmesh_circuits::setup::{CircuitKey, SetupSource, SetupStore};
+use proofmesh_circuits::setup::{CircuitKey, SetupMirror, SetupSource, SetupStore};
 use proofmesh_circuits::state::replay;
 use proofmesh_circuits::witness_vector::{prove, synthesize, Proof, WitnessVector};
 use proofmesh_core::{Geometry, ProtocolVersion};
@@ -187,4 +188,48 @@ fn setup_data_is_built_once_then_loaded_from_the_cache() {
     // The cache is keyed by geometry: another geometry does not see it.
     let other = SetupStore::new(dir.path(), ProtocolVersion::CURRENT, Geometry { tx_chunk: 8, ..Geometry::small() }).unwrap();
     assert_ne!(other.folder(), first.folder());
+}
+
+/// Setup files in memory: what the setup store sees of the cluster's artifact store (the
+/// worker's `ArtifactMirror` over a real bucket runs in the scheduler's cluster test).
+#[derive(Default)]
+struct MemoryMirror(Mutex<HashMap<String, Vec<u8>>>);
+
+impl SetupMirror for MemoryMirror {
+    fn fetch(&self, file: &str) -> Option<Vec<u8>> {
+        self.0.lock().unwrap().get(file).cloned()
+    }
+    fn publish(&self, file: &str, bytes: &[u8]) {
+        self.0.lock().unwrap().insert(file.to_string(), bytes.to_vec());
+    }
+}
+
+#[test]
+fn setup_data_built_on_one_machine_is_fetched_by_the_others_through_the_mirror() {
+    let mirror = Arc::new(MemoryMirror::default());
+    let key = CircuitKey::Basic(BasicCircuit::TxHasher);
+    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = SetupStore::new(a.path(), ProtocolVersion::CURRENT, Geometry::small()).unwrap().with_mirror(mirror.clone());
+    let built = first.circuit(key).unwrap();
+    assert!(matches!(first.sources()[&key], SetupSource::Built(_)));
+    let folder = first.folder().file_name().unwrap().to_str().unwrap().to_string();
+    let mut published: Vec<_> = mirror.0.lock().unwrap().keys().cloned().collect();
+    published.sort();
+    assert_eq!(published, [format!("{folder}/{}.circuit", key.name()), format!("{folder}/{}.verifier", key.name())]);
+
+    let second = SetupStore::new(b.path(), ProtocolVersion::CURRENT, Geometry::small()).unwrap().with_mirror(mirror.clone());
+    let fetched = second.circuit(key).unwrap();
+    assert!(matches!(second.sources()[&key], SetupSource::Fetched(_)));
+    assert_eq!(built.data.verifier_only, fetched.data.verifier_only);
+    // Cached locally from then on.
+    let again = SetupStore::new(b.path(), ProtocolVersion::CURRENT, Geometry::small()).unwrap().with_mirror(mirror.clone());
+    again.circuit(key).unwrap();
+    assert!(matches!(again.sources()[&key], SetupSource::Loaded(_)));
+
+    // A mirror holding the circuit file but not its verifier (a publisher stopped between the
+    // two) is not used: the circuit is built.
+    mirror.0.lock().unwrap().retain(|k, _| k.ends_with(".circuit"));
+    let third = SetupStore::new(c.path(), ProtocolVersion::CURRENT, Geometry::small()).unwrap().with_mirror(mirror.clone());
+    third.circuit(key).unwrap();
+    assert!(matches!(third.sources()[&key], SetupSource::Built(_)));
 }

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use proofmesh_circuits::final_proof::verify;
-use proofmesh_core::LocalStore;
+
 use proofmesh_proto::v1::Role;
 use proofmesh_worker::lease::{LeaseClient, Registration};
 use proofmesh_worker::runner;
-use proofmesh_worker::setups::Setups;
+use proofmesh_worker::setups::{ArtifactMirror, Setups};
 use tokio_util::sync::CancellationToken;
 
 /// The Proofmesh compressor.
@@ -24,6 +24,10 @@ struct Cli {
     /// Setup data cache directory (verification builds the compression verifier data there if absent).
     #[arg(long, env = "PROOFMESH_SETUP_DIR", default_value = ".setup-cache", global = true)]
     setup_dir: PathBuf,
+    /// With an object store (`s3://`), setup data is fetched from it when the setup directory
+    /// lacks it (and what is built here is published there): this turns that off.
+    #[arg(long, env = "PROOFMESH_NO_SETUP_MIRROR", global = true)]
+    no_setup_mirror: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,9 +39,10 @@ enum Command {
         /// The scheduler's URL.
         #[arg(long, env = "PROOFMESH_SCHEDULER", default_value = "http://127.0.0.1:50051")]
         scheduler: String,
-        /// Artifact store directory.
-        #[arg(long, env = "PROOFMESH_DATA_DIR", default_value = "data")]
-        data_dir: PathBuf,
+        /// Where the artifacts are: `file:///PATH` or a plain path (a directory every process
+        /// shares), or `s3://BUCKET/PREFIX?endpoint=...&region=...` (see README: Artifact stores).
+        #[arg(long, visible_alias = "data-dir", env = "PROOFMESH_ARTIFACTS", default_value = "data")]
+        artifacts: proofmesh_artifacts::ArtifactsUrl,
         /// Zone.
         #[arg(long, env = "PROOFMESH_ZONE", default_value = "local")]
         zone: String,
@@ -92,7 +97,7 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Run { scheduler, data_dir, zone, region, name, capacity, drain_grace_secs, metrics_listen } => {
+        Command::Run { scheduler, artifacts, zone, region, name, capacity, drain_grace_secs, metrics_listen } => {
             anyhow::ensure!(capacity >= 1, "--capacity must be at least 1");
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
@@ -116,10 +121,12 @@ fn main() -> anyhow::Result<()> {
                     prover_group: None,
                     memory_budget_mib: 0,
                 };
-                let stage = Arc::new(stage::Compressor {
-                    artifacts: Arc::new(LocalStore::new(&data_dir)),
-                    setups: Arc::new(Setups::new(&cli.setup_dir)),
-                });
+                let store = proofmesh_artifacts::open(&artifacts).await.context("opening the artifact store")?;
+                let mut setups = Setups::new(&cli.setup_dir);
+                if artifacts.is_object_store() && !cli.no_setup_mirror {
+                    setups = setups.with_mirror(Arc::new(ArtifactMirror::new(store.clone())));
+                }
+                let stage = Arc::new(stage::Compressor { artifacts: store, setups: Arc::new(setups) });
                 let (client, leases) = LeaseClient::start(reg, stop.clone());
                 let grace = std::time::Duration::from_secs_f64(drain_grace_secs.max(0.0));
                 runner::run(client, leases, stage, drain, grace).await;

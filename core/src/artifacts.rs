@@ -24,6 +24,19 @@ pub enum ArtifactError {
         /// The key given.
         key: String,
     },
+    /// The stored bytes do not match the checksum stored with them (a corrupted or truncated
+    /// object): never handed to a job as if it were the artifact.
+    #[error("artifact `{key}` is corrupted: {len} bytes with SHA-256 {actual}, stored with SHA-256 {expected}")]
+    Corrupt {
+        /// The key read.
+        key: String,
+        /// The checksum stored with the object (hex).
+        expected: String,
+        /// The checksum of the bytes read (hex).
+        actual: String,
+        /// How many bytes were read.
+        len: usize,
+    },
     /// The backend failed (disk, network).
     #[error("artifact `{key}`: {source}")]
     Io {
@@ -38,7 +51,8 @@ pub enum ArtifactError {
 /// Stores artifacts by key. Keys are `/`-separated relative paths (see [`keys`]).
 ///
 /// Implementations: [`LocalStore`] (a directory; the default, and what every process of a
-/// single-host cluster shares). Writes must be atomic: a reader sees the old bytes, the new
+/// single-host cluster shares) and `proofmesh_artifacts::S3Store` (S3 and S3-compatible object
+/// stores, GCS among them). Writes must be atomic: a reader sees the old bytes, the new
 /// bytes, or nothing.
 #[async_trait]
 pub trait ArtifactStore: Send + Sync + std::fmt::Debug {
@@ -69,17 +83,26 @@ impl LocalStore {
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, ArtifactError> {
-        let valid = !key.is_empty()
-            && key.split('/').all(|seg| {
-                !seg.is_empty()
-                    && seg != "."
-                    && seg != ".."
-                    && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-            });
-        if !valid {
-            return Err(ArtifactError::InvalidKey { key: key.into() });
-        }
+        check_key(key)?;
         Ok(self.root.join(key))
+    }
+}
+
+/// Checks that `key` is a relative path of non-empty `[A-Za-z0-9._-]` segments, none `.` or
+/// `..`, so that no store can be made to write outside its root (directory or bucket prefix).
+/// Errors: [`ArtifactError::InvalidKey`].
+pub fn check_key(key: &str) -> Result<(), ArtifactError> {
+    let valid = !key.is_empty()
+        && key.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(ArtifactError::InvalidKey { key: key.into() })
     }
 }
 
@@ -180,6 +203,13 @@ pub mod keys {
     /// The final (compressed) proof: `batches/000042/final.proof`.
     pub fn final_proof(batch: BatchNumber) -> String {
         format!("batches/{:06}/final.proof", batch.0)
+    }
+
+    /// A setup data file shared through the store (built once per cluster):
+    /// `setup/v0.1-<geometry>-r<revision>/<circuit>.circuit` for `file` = the part after `setup/`.
+    /// Never under `batches/`, so the house keeper never deletes it.
+    pub fn setup_file(file: &str) -> String {
+        format!("setup/{file}")
     }
 }
 

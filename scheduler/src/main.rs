@@ -1,12 +1,11 @@
 //! `proofmesh-scheduler`: the daemon. Connects to PostgreSQL, applies the migrations, serves the
 //! gRPC API and dispatches leases until SIGINT/SIGTERM.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use proofmesh_core::{Geometry, LocalStore};
+use proofmesh_core::Geometry;
 use proofmesh_scheduler::{Housekeeping, JobWeights, MaxAttempts, Policy, ProverGroups, Settings, Shared, ZonePolicy};
 use tokio_util::sync::CancellationToken;
 
@@ -29,9 +28,10 @@ struct Args {
     /// PostgreSQL URL (also read from DATABASE_URL).
     #[arg(long, env = "PROOFMESH_DATABASE_URL")]
     database_url: Option<String>,
-    /// Artifact store directory (final proofs are read from it for GetProof).
-    #[arg(long, env = "PROOFMESH_DATA_DIR", default_value = "data")]
-    data_dir: std::path::PathBuf,
+    /// Where the artifacts are (final proofs are read from there for GetProof): `file:///PATH` or a plain path (a directory every process
+    /// shares), or `s3://BUCKET/PREFIX?endpoint=...&region=...` (see README: Artifact stores).
+    #[arg(long, visible_alias = "data-dir", env = "PROOFMESH_ARTIFACTS", default_value = "data")]
+    artifacts: proofmesh_artifacts::ArtifactsUrl,
     /// Geometry of new batches.
     #[arg(long, env = "PROOFMESH_GEOMETRY", value_enum, default_value = "default")]
     geometry: GeometryName,
@@ -179,7 +179,7 @@ async fn main() -> anyhow::Result<()> {
             interval_secs: args.housekeeping_interval_secs.max(1.0),
         }),
     };
-    let shared = Shared::new(pool, settings, Arc::new(LocalStore::new(&args.data_dir)));
+    let shared = Shared::new(pool, settings, proofmesh_artifacts::open(&args.artifacts).await.context("opening the artifact store")?);
     let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     tracing::info!("scheduler listening on {}", listener.local_addr()?);
 

@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use proofmesh_core::{ArtifactStore, LocalStore};
+
 use proofmesh_proto::v1::{self, Role};
 use proofmesh_worker::lease::{this_host, LeaseClient, Registration};
 use proofmesh_worker::prover::ProverService;
 use proofmesh_worker::runner::{self, Stage};
-use proofmesh_worker::setups::Setups;
+use proofmesh_worker::setups::{ArtifactMirror, Setups};
 use proofmesh_worker::stream::{CONNECTION_WINDOW, STREAM_WINDOW};
 use proofmesh_worker::{wg, wvg};
 use tokio::sync::Semaphore;
@@ -54,12 +54,17 @@ struct Args {
     /// Jobs at once (provers: witness vectors proven at once).
     #[arg(long, env = "PROOFMESH_CAPACITY", default_value_t = 1)]
     capacity: u32,
-    /// Artifact store directory.
-    #[arg(long, env = "PROOFMESH_DATA_DIR", default_value = "data")]
-    data_dir: std::path::PathBuf,
+    /// Where the artifacts are: `file:///PATH` or a plain path (a directory every process
+    /// shares), or `s3://BUCKET/PREFIX?endpoint=...&region=...` (see README: Artifact stores).
+    #[arg(long, visible_alias = "data-dir", env = "PROOFMESH_ARTIFACTS", default_value = "data")]
+    artifacts: proofmesh_artifacts::ArtifactsUrl,
     /// Setup data cache directory.
     #[arg(long, env = "PROOFMESH_SETUP_DIR", default_value = ".setup-cache")]
     setup_dir: std::path::PathBuf,
+    /// With an object store (`s3://`), setup data is fetched from it when the setup directory
+    /// lacks it (and what is built here is published there): this turns that off.
+    #[arg(long, env = "PROOFMESH_NO_SETUP_MIRROR")]
+    no_setup_mirror: bool,
     /// Provers: address to serve `Prover` on (port 0: any free port).
     #[arg(long, env = "PROOFMESH_LISTEN", default_value = "127.0.0.1:0")]
     listen: String,
@@ -102,8 +107,12 @@ async fn main() -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let grace = std::time::Duration::from_secs_f64(args.drain_grace_secs.max(0.0));
 
-    let artifacts: Arc<dyn ArtifactStore> = Arc::new(LocalStore::new(&args.data_dir));
-    let setups = Arc::new(Setups::new(&args.setup_dir));
+    let artifacts = proofmesh_artifacts::open(&args.artifacts).await.context("opening the artifact store")?;
+    let mut setups = Setups::new(&args.setup_dir);
+    if args.artifacts.is_object_store() && !args.no_setup_mirror {
+        setups = setups.with_mirror(Arc::new(ArtifactMirror::new(artifacts.clone())));
+    }
+    let setups = Arc::new(setups);
     let role = match args.role {
         RoleArg::WitnessGenerator => Role::WitnessGenerator,
         RoleArg::Wvg => Role::Wvg,

@@ -1,13 +1,15 @@
 //! Setup data for the leases a worker gets: one [`SetupStore`] per (protocol version, geometry),
-//! and a bound on how many circuits' prover data stay in memory.
+//! a bound on how many circuits' prover data stay in memory, and the artifact store as the
+//! cluster's [`SetupMirror`] ([`ArtifactMirror`]: setup data built once per cluster, fetched by
+//! the workers that do not have it, cached in their setup directory).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use proofmesh_circuits::basic::BasicCircuit;
-use proofmesh_circuits::setup::{Circuit, CircuitKey, SetupStore};
-use proofmesh_core::{CircuitId, Geometry, ProtocolVersion};
+use proofmesh_circuits::setup::{Circuit, CircuitKey, SetupMirror, SetupStore};
+use proofmesh_core::{keys, ArtifactError, ArtifactStore, CircuitId, Geometry, ProtocolVersion};
 use proofmesh_proto::v1;
 
 use crate::runner::JobError;
@@ -18,6 +20,7 @@ const KEEP_LOADED: usize = 4;
 /// The setup stores of one worker.
 pub struct Setups {
     root: PathBuf,
+    mirror: Option<Arc<dyn SetupMirror>>,
     stores: Mutex<HashMap<(ProtocolVersion, Geometry), Arc<SetupStore>>>,
     loaded: Mutex<Vec<CircuitKey>>,
     /// Told the loaded circuits' `(aggregation_round, circuit_id)` pairs whenever they change.
@@ -77,7 +80,13 @@ impl std::fmt::Debug for Setups {
 impl Setups {
     /// Stores under `root` (the setup cache directory).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Setups { root: root.into(), stores: Mutex::default(), loaded: Mutex::default(), on_change: OnceLock::new() }
+        Setups { root: root.into(), mirror: None, stores: Mutex::default(), loaded: Mutex::default(), on_change: OnceLock::new() }
+    }
+
+    /// Fetches setup data the cache lacks from `mirror`, and publishes what this worker builds.
+    pub fn with_mirror(mut self, mirror: Arc<dyn SetupMirror>) -> Self {
+        self.mirror = Some(mirror);
+        self
     }
 
     /// Calls `f` with the loaded circuits' pairs (deduplicated) each time they change: the lease
@@ -92,7 +101,11 @@ impl Setups {
         if let Some(s) = stores.get(&(version, geometry)) {
             return Ok(s.clone());
         }
-        let s = Arc::new(SetupStore::new(&self.root, version, geometry).map_err(|e| JobError::fatal(format!("{e:#}")))?);
+        let mut s = SetupStore::new(&self.root, version, geometry).map_err(|e| JobError::fatal(format!("{e:#}")))?;
+        if let Some(m) = &self.mirror {
+            s = s.with_mirror(m.clone());
+        }
+        let s = Arc::new(s);
         stores.insert((version, geometry), s.clone());
         Ok(s)
     }
@@ -126,5 +139,46 @@ impl Setups {
             f(pairs);
         }
         circuit
+    }
+}
+
+/// The artifact store as a [`SetupMirror`]: setup file `F` is the artifact `setup/F`
+/// ([`keys::setup_file`]), checksummed like every artifact. Runs the store's async calls on
+/// `runtime` from the blocking thread the setup store is used on.
+#[derive(Debug)]
+pub struct ArtifactMirror {
+    store: Arc<dyn ArtifactStore>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ArtifactMirror {
+    /// A mirror over `store`, driven by the current Tokio runtime. Panics outside a runtime.
+    pub fn new(store: Arc<dyn ArtifactStore>) -> Self {
+        ArtifactMirror { store, runtime: tokio::runtime::Handle::current() }
+    }
+}
+
+impl SetupMirror for ArtifactMirror {
+    fn fetch(&self, file: &str) -> Option<Vec<u8>> {
+        let key = keys::setup_file(file);
+        match self.runtime.block_on(self.store.get(&key)) {
+            Ok(bytes) => {
+                tracing::info!(file, bytes = bytes.len(), "setup data fetched from the artifact store");
+                Some(bytes)
+            }
+            Err(ArtifactError::NotFound { .. }) => None,
+            Err(e) => {
+                tracing::warn!(file, "cannot fetch setup data from the artifact store, building it here: {e}");
+                None
+            }
+        }
+    }
+
+    fn publish(&self, file: &str, bytes: &[u8]) {
+        let key = keys::setup_file(file);
+        match self.runtime.block_on(self.store.put(&key, bytes.to_vec())) {
+            Ok(()) => tracing::info!(file, bytes = bytes.len(), "setup data published to the artifact store"),
+            Err(e) => tracing::warn!(file, "cannot publish setup data to the artifact store: {e}"),
+        }
     }
 }

@@ -201,6 +201,11 @@ annotations:
 {{- end }}
 {{- end }}
 
+{{/* The artifact store's URL (--artifacts): artifacts.url, else the mounted volume. */}}
+{{- define "proofmesh.artifactsUrl" -}}
+{{- .Values.artifacts.url | default "file:///var/lib/proofmesh/data" -}}
+{{- end }}
+
 {{/* Mounts of the artifact store and /tmp. */}}
 {{- define "proofmesh.artifactsMounts" -}}
 - name: artifacts

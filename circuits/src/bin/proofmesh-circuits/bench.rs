@@ -77,6 +77,7 @@ pub fn run(setup_dir: &Path, samples: &Path, geometry: Geometry, weights_out: Op
         let setup = match sources.get(key) {
             Some(SetupSource::Built(d)) => format!("built {:.2} s", d.as_secs_f64()),
             Some(SetupSource::Loaded(d)) => format!("loaded {:.2} s", d.as_secs_f64()),
+            Some(SetupSource::Fetched(d)) => format!("fetched {:.2} s", d.as_secs_f64()),
             None => "-".into(),
         };
         println!(
