@@ -15,11 +15,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use proofmesh_core::batch::Batch;
-use proofmesh_core::{BatchNumber, ProtocolVersion};
+use proofmesh_core::BatchNumber;
 
 use crate::outbox::Outbox;
 use crate::summary::{Outcome, Report};
+use crate::watch::ParsedBatch;
 
 /// Subfolder of the inbox for files that will not be proven.
 const REJECTED: &str = "rejected";
@@ -83,17 +83,11 @@ impl Inbox {
     pub(crate) async fn take(&self, path: PathBuf, outbox: &Outbox) -> Result<Incoming, Report> {
         let file = BatchFile::new(path);
         let parsed = match tokio::fs::read(&file.path).await {
-            Ok(bytes) => Batch::from_bytes(&bytes).map(|batch| (batch, bytes)).map_err(|e| e.to_string()),
+            Ok(bytes) => ParsedBatch::parse(bytes).map_err(|e| e.to_string()),
             Err(e) => Err(format!("cannot read {}: {e}", file.path.display())),
         };
         match parsed {
-            Ok((batch, bytes)) => Ok(Incoming {
-                file,
-                number: batch.number,
-                protocol_version: batch.protocol_version,
-                transactions: batch.transactions.len(),
-                bytes,
-            }),
+            Ok(batch) => Ok(Incoming { file, batch }),
             Err(reason) => Err(self.refuse(&file, None, reason, outbox).await),
         }
     }
@@ -138,19 +132,13 @@ impl BatchFile {
     }
 }
 
-/// A batch file that parsed: what the scheduler needs to know of it, and its bytes for the store.
+/// A taken file that parsed.
 #[derive(Debug)]
 pub(crate) struct Incoming {
     /// The file.
     pub file: BatchFile,
-    /// The batch's number, from the file.
-    pub number: BatchNumber,
-    /// The protocol version it is proven under, from the file.
-    pub protocol_version: ProtocolVersion,
-    /// Transactions in the batch.
-    pub transactions: usize,
-    /// The file's bytes, as read.
-    pub bytes: Vec<u8>,
+    /// Its batch.
+    pub batch: ParsedBatch,
 }
 
 /// Finds inbox files that are ready to be taken. Each file is returned once (until it is
@@ -279,7 +267,7 @@ mod tests {
         let path = inbox.dir().join("b.bin");
         std::fs::write(&path, sample_batch(7)).unwrap();
         let incoming = inbox.take(path.clone(), &outbox).await.unwrap();
-        assert_eq!((incoming.number, incoming.transactions), (BatchNumber(7), 1));
+        assert_eq!((incoming.batch.number, incoming.batch.transactions), (BatchNumber(7), 1));
         assert_eq!(incoming.file.stem, "b");
         assert!(path.exists());
 

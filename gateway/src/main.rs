@@ -1,15 +1,22 @@
-//! `proofmesh-gateway`: takes batch files from an inbox directory, submits them to the
-//! scheduler, and hands back final proofs in an outbox directory.
+//! `proofmesh-gateway`: hands batches to the scheduler and final proofs back, in one of three
+//! modes (`--mode`):
 //!
-//! For each file `<inbox>/<stem>.<ext>` it writes `<outbox>/<stem>.proof` and `<stem>.json`
-//! (proven), or `<outbox>/<stem>.error` (rejected or failed). Writers must put files in place
-//! atomically: write `.<name>` (dot-files are ignored), then rename (see `inbox.rs`).
+//! - `inbox` (default): batch files arrive in an inbox directory, results go to an outbox
+//!   directory (`inbox_mode.rs`; the contract is in the crate's README);
+//! - `client`: the gateway polls the L2 node's proof data API for batches and posts the proofs
+//!   back (`l2_client.rs`);
+//! - `server`: the node pushes batches to the gateway and polls it for the proofs (`l2_server.rs`).
 //!
-//! Modules: `inbox` (scanning, parsing, moving taken files), `watch` (store, submit, watch,
-//! write results), `outbox` (atomic result files), `summary` (the JSON and the `--once` table),
-//! `scheduler` (connection and retries), `progress` (bars); shutdown is `proofmesh_core::shutdown`.
+//! All three take a batch along one path (`watch.rs`: store, submit, watch, fetch). Other
+//! modules: `inbox` and `outbox` (the directories), `l2_api` (the JSON of both L2 modes, in
+//! `docs/gateway-api.md`), `summary` (the JSON summary and the `--once` table), `scheduler`
+//! (connection and retries), `progress` (bars); shutdown is `proofmesh_core::shutdown`.
 
 mod inbox;
+mod inbox_mode;
+mod l2_api;
+mod l2_client;
+mod l2_server;
 mod outbox;
 mod progress;
 mod scheduler;
@@ -19,24 +26,33 @@ mod testing;
 mod watch;
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use proofmesh_core::{ArtifactStore, LocalStore};
-use tokio::task::JoinSet;
-use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use crate::inbox::{Inbox, Scanner};
-use crate::outbox::Outbox;
+use crate::inbox_mode::{Dirs, InboxSettings};
+use crate::l2_client::ClientSettings;
 use crate::progress::Progress;
-use crate::summary::{Outcome, Report};
 use crate::watch::Gateway;
+
+/// Where batches come from and where proofs go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Batch files from `--inbox`, results to `--outbox`.
+    Inbox,
+    /// Poll the L2 node at `--l2-node-url` for batches, post the proofs back to it.
+    Client,
+    /// Listen on `--listen`: the L2 node pushes batches and polls for their proofs.
+    Server,
+}
 
 /// The gateway's settings: every flag can also be set through its `PROOFMESH_*` variable.
 #[derive(Debug, Parser)]
@@ -49,23 +65,46 @@ struct Settings {
     /// `batches/<number>/batch.bin` there.
     #[arg(long, env = "PROOFMESH_DATA_DIR")]
     data_dir: PathBuf,
-    /// Directory batch files arrive in (created if missing). Names starting with `.` are
-    /// ignored: write there, then rename into place.
+    /// Where batches come from and where proofs go: `inbox` (directories), `client` (poll the
+    /// L2 node), `server` (the L2 node pushes and polls). See `docs/gateway-api.md`.
+    #[arg(long, env = "PROOFMESH_MODE", value_enum, default_value_t = Mode::Inbox)]
+    mode: Mode,
+    /// Inbox mode: directory batch files arrive in (created if missing). Names starting with
+    /// `.` are ignored: write there, then rename into place.
     #[arg(long, env = "PROOFMESH_INBOX")]
-    inbox: PathBuf,
-    /// Directory results are written to (created if missing): `<stem>.proof` and `<stem>.json`,
-    /// or `<stem>.error`.
+    inbox: Option<PathBuf>,
+    /// Inbox mode: directory results are written to (created if missing): `<stem>.proof` and
+    /// `<stem>.json`, or `<stem>.error`.
     #[arg(long, env = "PROOFMESH_OUTBOX")]
-    outbox: PathBuf,
-    /// Milliseconds between two scans of the inbox. A file is taken once its size and
-    /// modification time are unchanged between two scans.
+    outbox: Option<PathBuf>,
+    /// Inbox mode: milliseconds between two scans of the inbox. A file is taken once its size
+    /// and modification time are unchanged between two scans.
     #[arg(long, env = "PROOFMESH_SCAN_INTERVAL_MS", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(1..))]
     scan_interval_ms: u64,
-    /// Process the files present in the inbox (and batches a previous run left unfinished), wait
-    /// until each has ended, print a summary table and exit: 1 if any failed or was rejected.
+    /// Inbox mode: process the files present in the inbox (and batches a previous run left
+    /// unfinished), wait until each has ended, print a summary table and exit: 1 if any failed
+    /// or was rejected.
     #[arg(long, env = "PROOFMESH_ONCE")]
     once: bool,
+    /// Client mode: the L2 node's base URL; the gateway calls `POST <url>/proof_generation_data`
+    /// and `POST <url>/submit_proof/<batch_number>`.
+    #[arg(long, env = "PROOFMESH_L2_NODE_URL")]
+    l2_node_url: Option<String>,
+    /// Client mode: milliseconds between two polls of the node when it had no batch (or did not
+    /// answer). After a batch the gateway asks again at once.
+    #[arg(long, env = "PROOFMESH_POLL_INTERVAL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    poll_interval_ms: u64,
+    /// Server mode: the address the proof data API listens on (`POST /submit_request_for_proofs`,
+    /// `POST /poll_generated_proofs`).
+    #[arg(long, env = "PROOFMESH_LISTEN", default_value = "127.0.0.1:3320")]
+    listen: SocketAddr,
+    /// Client and server modes: the largest HTTP body taken from the node, bytes (a batch file
+    /// travels base64-encoded: 4/3 of its size). Larger requests are answered 413.
+    #[arg(long, env = "PROOFMESH_MAX_BODY_BYTES", default_value_t = 64 << 20,
+          value_parser = clap::value_parser!(u64).range(1..=u64::from(u32::MAX)))]
+    max_body_bytes: u64,
     /// Draw live progress bars (one per batch: its round and done/total circuits) even when
     /// stdout is not a terminal. They are on by default when it is one.
     #[arg(long, env = "PROOFMESH_PROGRESS")]
@@ -75,9 +114,24 @@ struct Settings {
     metrics_listen: Option<std::net::SocketAddr>,
 }
 
+impl Settings {
+    /// The flags each mode requires (clap's `required_if_eq` does not see `--mode`'s default).
+    fn check(self) -> Result<Settings, clap::Error> {
+        use clap::CommandFactory;
+        let missing = |what: &str| Err(Settings::command().error(clap::error::ErrorKind::MissingRequiredArgument, what));
+        match self.mode {
+            Mode::Inbox if self.inbox.is_none() || self.outbox.is_none() => {
+                missing("--inbox and --outbox are required in inbox mode (--mode inbox, the default)")
+            }
+            Mode::Client if self.l2_node_url.is_none() => missing("--l2-node-url is required in client mode"),
+            _ => Ok(self),
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let settings = Settings::parse();
+    let settings = Settings::parse().check().unwrap_or_else(|e| e.exit());
     let progress = Progress::new(settings.progress, settings.once);
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
@@ -93,8 +147,9 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Connects, then scans the inbox until shutdown (or, with `--once`, until every file present
-/// has ended). Errors: the inbox or outbox cannot be created or listed, or the URL is invalid.
+/// Connects to the scheduler, then runs the mode until shutdown (or, with `--once`, until every
+/// inbox file has ended). Errors: the inbox or outbox cannot be created or listed, the URL is
+/// invalid, the listen address cannot be bound.
 async fn run(settings: Settings, progress: Progress) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     proofmesh_core::shutdown::cancel_on_signal(shutdown.clone());
@@ -102,96 +157,34 @@ async fn run(settings: Settings, progress: Progress) -> anyhow::Result<ExitCode>
         proofmesh_core::telemetry::serve_metrics(addr).with_context(|| format!("serving metrics on {addr}"))?;
     }
 
-    let inbox = Inbox::create(&settings.inbox)
-        .with_context(|| format!("cannot create the inbox {}", settings.inbox.display()))?;
-    let outbox = Outbox::create(&settings.outbox)
-        .with_context(|| format!("cannot create the outbox {}", settings.outbox.display()))?;
+    // The directories first: a typo in them is reported before waiting for the scheduler.
+    let dirs = match (settings.mode, &settings.inbox, &settings.outbox) {
+        (Mode::Inbox, Some(inbox), Some(outbox)) => Some(Dirs::create(inbox, outbox)?),
+        (Mode::Inbox, _, _) => anyhow::bail!("--inbox and --outbox are required in inbox mode"),
+        _ => None,
+    };
     let store: Arc<dyn ArtifactStore> = Arc::new(LocalStore::new(&settings.data_dir));
     let Some(client) = scheduler::connect(&settings.scheduler, &shutdown).await? else {
         // Stopped while waiting: a failure only for `--once`, which did not do its job.
         return Ok(if settings.once { ExitCode::FAILURE } else { ExitCode::SUCCESS });
     };
-    let gw =
-        Gateway { client, store, inbox: inbox.clone(), outbox: outbox.clone(), progress, shutdown: shutdown.clone() };
+    let gw = Gateway { client, store, progress, shutdown };
+    let max_body_bytes = usize::try_from(settings.max_body_bytes).unwrap_or(usize::MAX);
 
-    // Batches in flight, and how the others ended.
-    let mut batches = JoinSet::new();
-    let mut ended = Ended { reports: Vec::new(), keep: settings.once, any_failure: false };
-    let unfinished = inbox
-        .unfinished_submissions(&outbox)
-        .with_context(|| format!("cannot list {}/submitted", inbox.dir().display()))?;
-    for path in unfinished {
-        tracing::info!(file = %path.display(), "submitted by an earlier run, no result yet: watching it again");
-        start(&gw, path, &mut batches, &mut ended).await;
-    }
-
-    let mut scanner = Scanner::new(&inbox, settings.once);
-    let mut tick = tokio::time::interval(Duration::from_millis(settings.scan_interval_ms));
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut scanning = true;
-    loop {
-        tokio::select! {
-            // The batch tasks see the token too: they end (interrupted) and are collected below.
-            _ = shutdown.cancelled(), if scanning => scanning = false,
-            _ = tick.tick(), if scanning => {
-                match scanner.scan() {
-                    Ok(paths) => {
-                        for path in paths {
-                            start(&gw, path, &mut batches, &mut ended).await;
-                        }
-                    }
-                    Err(e) => tracing::warn!("cannot scan the inbox {}: {e}", inbox.dir().display()),
-                }
-                scanning = !scanner.once_done();
-            }
-            Some(joined) = batches.join_next() => match joined {
-                Ok(report) => ended.push(report),
-                Err(e) => {
-                    tracing::error!("a batch task ended abnormally: {e}");
-                    ended.any_failure = true;
-                }
-            },
-            else => break,
+    match settings.mode {
+        Mode::Inbox => {
+            let dirs = dirs.context("inbox mode without directories")?;
+            let inbox = InboxSettings { scan_interval_ms: settings.scan_interval_ms, once: settings.once };
+            inbox_mode::run(gw, dirs, inbox).await
         }
-    }
-
-    if !settings.once {
-        return Ok(ExitCode::SUCCESS);
-    }
-    ended.reports.sort_by(|a, b| a.file.cmp(&b.file));
-    print!("{}", summary::format_table(&ended.reports));
-    Ok(if ended.any_failure { ExitCode::FAILURE } else { ExitCode::SUCCESS })
-}
-
-/// Takes a ready file: a batch that parses gets its own task, a file that does not is rejected
-/// at once.
-async fn start(gw: &Gateway, path: PathBuf, batches: &mut JoinSet<Report>, ended: &mut Ended) {
-    match gw.inbox.take(path, &gw.outbox).await {
-        Ok(incoming) => {
-            batches.spawn(watch::prove(gw.clone(), incoming));
+        Mode::Client => {
+            let node_url = settings.l2_node_url.context("--l2-node-url is required in client mode")?;
+            let poll_interval = Duration::from_millis(settings.poll_interval_ms);
+            l2_client::run(gw, ClientSettings { node_url, poll_interval, max_body_bytes }).await
         }
-        Err(report) => ended.push(report),
-    }
-}
-
-/// How the batch files that ended did.
-struct Ended {
-    /// Every report, kept only with `--once` (for its table): a long-running gateway only logs.
-    reports: Vec<Report>,
-    keep: bool,
-    /// Whether any file failed, was rejected or interrupted, or a task panicked.
-    any_failure: bool,
-}
-
-impl Ended {
-    fn push(&mut self, report: Report) {
-        metrics::counter!(proofmesh_core::telemetry::names::GATEWAY_BATCHES, "outcome" => report.outcome.word()).increment(1);
-        if report.outcome == Outcome::Interrupted {
-            tracing::info!(file = %report.file, "stopped before it ended: the next start picks it up again");
-        }
-        self.any_failure |= report.is_failure();
-        if self.keep {
-            self.reports.push(report);
+        Mode::Server => {
+            l2_server::run(gw, settings.listen, max_body_bytes).await?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -207,6 +200,23 @@ mod tests {
     #[test]
     fn flags_are_consistent() {
         Settings::command().debug_assert();
+    }
+
+    #[test]
+    fn directories_are_required_in_inbox_mode_only() {
+        let parse = |args: &[&str]| {
+            Settings::try_parse_from([&["proofmesh-gateway", "--data-dir=d"], args].concat()).and_then(Settings::check)
+        };
+        let err = parse(&[]).unwrap_err().to_string();
+        assert!(err.contains("--inbox") && err.contains("--outbox"), "{err}");
+        assert!(parse(&["--inbox=i", "--outbox=o"]).is_ok());
+        let err = parse(&["--mode=client"]).unwrap_err().to_string();
+        assert!(err.contains("--l2-node-url"), "{err}");
+        let client = parse(&["--mode=client", "--l2-node-url=http://node:3320"]).unwrap();
+        assert_eq!((client.mode, client.poll_interval_ms, client.max_body_bytes), (Mode::Client, 1000, 64 << 20));
+        let server = parse(&["--mode=server", "--listen=0.0.0.0:4000", "--max-body-bytes=1024"]).unwrap();
+        assert_eq!((server.mode, server.listen.port(), server.max_body_bytes), (Mode::Server, 4000, 1024));
+        assert!(parse(&["--mode=proxy"]).is_err());
     }
 
     #[tokio::test]
@@ -230,6 +240,7 @@ mod tests {
             "--scan-interval-ms=20".into(),
             "--once".into(),
         ])
+        .and_then(Settings::check)
         .unwrap();
 
         let code = tokio::time::timeout(Duration::from_secs(20), run(settings, Progress::off())).await.unwrap().unwrap();

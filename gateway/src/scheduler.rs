@@ -62,8 +62,9 @@ pub(crate) async fn connect(url: &str, shutdown: &CancellationToken) -> anyhow::
 pub(crate) enum Stop {
     /// The gateway is shutting down.
     Shutdown,
-    /// The scheduler answered with an error retrying cannot help (the text says which call).
-    Refused(String),
+    /// The scheduler answered with an error retrying cannot help: its code, and a text that
+    /// names the call (`SubmitBatch: FailedPrecondition: ...`).
+    Refused { code: Code, reason: String },
 }
 
 /// Runs `call` until it succeeds, retrying with backoff while the error is transient
@@ -89,7 +90,7 @@ where
             Err(s) if is_transient(&s) => {
                 tracing::warn!(%batch, "{what}: {}; retrying in {:?}", describe(&s), backoff.delay());
             }
-            Err(s) => return Err(Stop::Refused(format!("{what}: {}", describe(&s)))),
+            Err(s) => return Err(Stop::Refused { code: s.code(), reason: format!("{what}: {}", describe(&s)) }),
         }
         if !backoff.wait(shutdown).await {
             return Err(Stop::Shutdown);
@@ -125,7 +126,7 @@ pub(crate) fn describe(status: &Status) -> String {
 
 /// An error and its sources, joined by `: ` ("transport error: connection refused"). A source
 /// that repeats the text before it (hyper and tonic wrap with the same words) is shown once.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut last = out.clone();
     let mut source = e.source();
@@ -166,7 +167,10 @@ mod tests {
         .await;
         assert_eq!(
             refused,
-            Err(Stop::Refused("SubmitBatch: InvalidArgument: protocol version 0.9.0 is not served".into()))
+            Err(Stop::Refused {
+                code: Code::InvalidArgument,
+                reason: "SubmitBatch: InvalidArgument: protocol version 0.9.0 is not served".into()
+            })
         );
 
         token.cancel();

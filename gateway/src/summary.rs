@@ -93,18 +93,20 @@ impl Report {
     }
 }
 
-/// `<stem>.json`, written beside `<stem>.proof`.
-#[derive(Debug, Clone, Serialize)]
+/// `<stem>.json`, written beside `<stem>.proof`; also the `summary` of the L2 API's proven
+/// answers (`docs/gateway-api.md`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct ProofSummary {
     /// The batch's number.
     pub batch_number: u32,
     /// `0.minor.patch`, as `proofmesh_core::ProtocolVersion` displays it.
     pub protocol_version: String,
-    /// The batch file's name in the inbox.
-    pub file: String,
+    /// The batch file's name in the inbox; absent for batches from the L2 node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
     /// Transactions in the batch.
     pub transactions: usize,
-    /// Size of `<stem>.proof`.
+    /// Size of the final proof (`<stem>.proof`), bytes.
     pub proof_bytes: usize,
     /// Seconds from the batch's creation at the scheduler to its end.
     pub wall_secs: f64,
@@ -226,7 +228,7 @@ mod tests {
         let summary = ProofSummary {
             batch_number: 42,
             protocol_version: proofmesh_core::ProtocolVersion { minor: 1, patch: 0 }.to_string(),
-            file: "batch_000042.bin".into(),
+            file: Some("batch_000042.bin".into()),
             transactions: 40,
             proof_bytes: 51234,
             wall_secs: 12.5,

@@ -17,6 +17,12 @@ use tonic::{Request, Response, Status};
 
 /// The bytes of a valid one-transaction batch `number` at protocol version 0.1.0.
 pub(crate) fn sample_batch(number: u32) -> Vec<u8> {
+    sample_batch_with(number, ProtocolVersion { minor: 1, patch: 0 }, [1, 2, 3, 4])
+}
+
+/// The bytes of a valid one-transaction batch `number` at `version`, starting from
+/// `prev_state_root` (another root: the same number with other contents).
+pub(crate) fn sample_batch_with(number: u32, version: ProtocolVersion, prev_state_root: [u64; 4]) -> Vec<u8> {
     let depth = 4;
     let access = |key| StorageAccess {
         key,
@@ -26,9 +32,9 @@ pub(crate) fn sample_batch(number: u32) -> Vec<u8> {
     };
     Batch {
         number: BatchNumber(number),
-        protocol_version: ProtocolVersion { minor: 1, patch: 0 },
+        protocol_version: version,
         state_tree_depth: depth,
-        prev_state_root: [1, 2, 3, 4],
+        prev_state_root,
         transactions: vec![Transaction { from: 1, to: 2, amount: 0, nonce: 0 }],
         storage_accesses: vec![access(1), access(2)],
     }
@@ -66,8 +72,16 @@ impl Batches for Fake {
         &self,
         request: Request<SubmitBatchRequest>,
     ) -> Result<Response<SubmitBatchResponse>, Status> {
-        let mut calls = self.calls.lock().unwrap();
         let request = request.into_inner();
+        // Like the scheduler: only registered versions (here 0.1.0) take new batches.
+        let version = request.protocol_version.and_then(|v| v.to_core());
+        if version != Some(ProtocolVersion { minor: 1, patch: 0 }) {
+            return Err(Status::failed_precondition(format!(
+                "protocol version {} is not registered (register it with Admin.RegisterProtocolVersion)",
+                version.map_or("?".into(), |v| v.to_string())
+            )));
+        }
+        let mut calls = self.calls.lock().unwrap();
         let created = !calls.submits.iter().any(|s| s.batch_number == request.batch_number);
         calls.submits.push(request);
         Ok(Response::new(SubmitBatchResponse { created }))
@@ -131,4 +145,50 @@ pub(crate) fn status(number: u32, state: BatchState, rounds: &[(u32, &str, u32, 
         compute_secs: 30.1234,
         ..Default::default()
     }
+}
+
+/// A gateway (the shared path) on a fake scheduler playing `scripts`, with its artifact store in
+/// a temporary directory. Keep the directory alive for the test.
+pub(crate) async fn gateway(
+    scripts: HashMap<u32, Script>,
+) -> (tempfile::TempDir, crate::watch::Gateway, Arc<Mutex<Calls>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, calls) = serve(scripts).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let client = crate::scheduler::connect(&url, &shutdown).await.unwrap().unwrap();
+    let gw = crate::watch::Gateway {
+        client,
+        store: Arc::new(proofmesh_core::LocalStore::new(dir.path().join("data"))),
+        progress: crate::progress::Progress::off(),
+        shutdown,
+    };
+    (dir, gw, calls)
+}
+
+/// A script that streams one proven status and serves `proof`.
+pub(crate) fn proven(number: u32, proof: &[u8]) -> Script {
+    let done = [(0, "basic", 1, 1), (1, "leaf", 1, 1), (2, "node", 1, 1), (3, "recursion_tip", 1, 1), (4, "scheduler", 1, 1), (5, "compression", 1, 1)];
+    Script {
+        watches: vec![vec![status(number, BatchState::Proving, &[(0, "basic", 1, 0)]), status(number, BatchState::Proven, &done)]],
+        proof: proof.to_vec(),
+    }
+}
+
+/// The L2 node simulator, `python3 scripts/l2-node-sim.py ARGS...`, output piped, killed when
+/// dropped.
+pub(crate) fn node_sim(args: &[&str]) -> tokio::process::Command {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/l2-node-sim.py");
+    let mut command = tokio::process::Command::new("python3");
+    command
+        .arg(script)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
+/// How many `SubmitBatch` calls the fake had for batch `number`.
+pub(crate) fn submits_of(calls: &Mutex<Calls>, number: u32) -> usize {
+    calls.lock().unwrap().submits.iter().filter(|s| s.batch_number == number).count()
 }

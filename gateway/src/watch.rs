@@ -1,53 +1,109 @@
-//! One batch from its parsed file to its result in the outbox: store the file, submit it, watch
-//! it until the scheduler says proven or failed, fetch the proof and write the outbox files.
+//! The one path every mode takes a batch along: parse it, store it, submit it ([`submit`]), then
+//! watch it until the scheduler says proven or failed and fetch the proof ([`follow`]).
 //!
-//! Every step waits out a scheduler that is away (restarts lose nothing: the scheduler owns the
-//! batch's state, and `SubmitBatch` is idempotent), and stops when the gateway shuts down.
+//! The modes differ only in where batches come from and where results go: `inbox_mode.rs`
+//! (directories), `l2_client.rs` (the gateway polls the L2 node), `l2_server.rs` (the node pushes
+//! and polls). Every step waits out a scheduler that is away (restarts lose nothing: the
+//! scheduler owns the batch's state, and `SubmitBatch` is idempotent), and stops when the gateway
+//! shuts down.
 
 use std::sync::Arc;
 
+use proofmesh_core::batch::{Batch, BatchFormatError};
 use proofmesh_core::{keys, ArtifactError, ArtifactStore, BatchNumber, ProtocolVersion};
 use proofmesh_proto::v1::batches_client::BatchesClient;
 use proofmesh_proto::v1::{BatchState, BatchStatus, GetProofRequest, SubmitBatchRequest, WatchBatchRequest};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+use tonic::Code;
 
-use crate::scheduler::backoff;
-use crate::inbox::{BatchFile, Inbox, Incoming};
-use crate::outbox::Outbox;
 use crate::progress::{BatchBar, Progress};
-use crate::scheduler::{describe, is_transient, retrying, Stop};
-use crate::summary::{wall_secs, Outcome, ProofSummary, Report, RoundCount};
+use crate::scheduler::{backoff, describe, is_transient, retrying, Stop};
+use crate::summary::{wall_secs, Outcome, ProofSummary, RoundCount};
 
-/// What every batch task shares. Cheap to clone.
+/// What every batch task of every mode shares. Cheap to clone.
 #[derive(Debug, Clone)]
 pub(crate) struct Gateway {
     /// The scheduler's `Batches` service.
     pub client: BatchesClient<Channel>,
     /// Where batch files are stored for the cluster to read.
     pub store: Arc<dyn ArtifactStore>,
-    /// Where taken files are moved.
-    pub inbox: Inbox,
-    /// Where results are written.
-    pub outbox: Outbox,
     /// The progress bars.
     pub progress: Progress,
     /// Cancelled on shutdown.
     pub shutdown: CancellationToken,
 }
 
-/// Takes one parsed batch file to its end and reports how it ended. Every outcome is logged and,
-/// except an interruption, leaves a result in the outbox (`.proof` + `.json`, or `.error`).
-pub(crate) async fn prove(gw: Gateway, incoming: Incoming) -> Report {
-    let Incoming { file, number, protocol_version, transactions, bytes } = incoming;
+/// A batch file that parsed: what the scheduler needs to know of it, and its bytes for the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ParsedBatch {
+    /// The batch's number, from the file.
+    pub number: BatchNumber,
+    /// The protocol version it is proven under, from the file.
+    pub protocol_version: ProtocolVersion,
+    /// Transactions in the batch.
+    pub transactions: usize,
+    /// The file's bytes, as received.
+    pub bytes: Vec<u8>,
+}
 
-    let input_key = match store_input(gw.store.as_ref(), number, bytes).await {
-        Ok(key) => key,
-        Err(reason) => return gw.inbox.refuse(&file, Some(number), reason, &gw.outbox).await,
-    };
+impl ParsedBatch {
+    /// Parses a batch file (`proofmesh_core::batch`). Errors: the first bad field and its offset.
+    pub(crate) fn parse(bytes: Vec<u8>) -> Result<ParsedBatch, BatchFormatError> {
+        let batch = Batch::from_bytes(&bytes)?;
+        Ok(ParsedBatch {
+            number: batch.number,
+            protocol_version: batch.protocol_version,
+            transactions: batch.transactions.len(),
+            bytes,
+        })
+    }
+
+    /// A copy without the bytes: what a task that follows the batch needs of it.
+    pub(crate) fn without_bytes(&self) -> ParsedBatch {
+        ParsedBatch {
+            number: self.number,
+            protocol_version: self.protocol_version,
+            transactions: self.transactions,
+            bytes: Vec::new(),
+        }
+    }
+}
+
+/// Why [`submit`] did not hand a batch to the scheduler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NotTaken {
+    /// The gateway is shutting down; the batch may be stored, not submitted. Sending it again
+    /// later is safe.
+    Shutdown,
+    /// The batch number is already stored with other contents: batch numbers must be unique.
+    Conflict(String),
+    /// The artifact store failed (reading or writing the batch).
+    Store(String),
+    /// The scheduler refused the batch with `code` (e.g. `FAILED_PRECONDITION`: its protocol
+    /// version is not registered or is retired). The text names the call.
+    Refused { code: Code, reason: String },
+}
+
+impl NotTaken {
+    /// The reason in one line, for logs, `.error` files and HTTP answers.
+    pub(crate) fn reason(&self) -> String {
+        match self {
+            NotTaken::Shutdown => "the gateway is shutting down".into(),
+            NotTaken::Conflict(r) | NotTaken::Store(r) | NotTaken::Refused { reason: r, .. } => r.clone(),
+        }
+    }
+}
+
+/// Stores the batch file, then submits it. `Ok(true)`: the scheduler created the batch (new
+/// work); `Ok(false)`: it already had this batch number (no new work: the same bytes are stored
+/// under it, see [`store_input`]).
+pub(crate) async fn submit(gw: &Gateway, batch: &ParsedBatch) -> Result<bool, NotTaken> {
+    let number = batch.number;
+    let input_key = store_input(gw.store.as_ref(), number, batch.bytes.clone()).await?;
     let request = SubmitBatchRequest {
         batch_number: number.0,
-        protocol_version: Some(protocol_version.into()),
+        protocol_version: Some(batch.protocol_version.into()),
         input_key,
         priority: 0,
     };
@@ -58,52 +114,76 @@ pub(crate) async fn prove(gw: Gateway, incoming: Incoming) -> Report {
     })
     .await;
     match submitted {
-        Ok(response) if response.get_ref().created => tracing::info!(%number, file = %file.name, "submitted"),
-        Ok(_) => tracing::info!(%number, file = %file.name, "already submitted: watching the existing batch"),
-        Err(Stop::Shutdown) => return Report::early(&file.name, Some(number.0), Outcome::Interrupted),
-        Err(Stop::Refused(reason)) => return gw.inbox.refuse(&file, Some(number), reason, &gw.outbox).await,
+        Ok(response) => Ok(response.get_ref().created),
+        Err(Stop::Shutdown) => Err(NotTaken::Shutdown),
+        Err(Stop::Refused { code, reason }) => Err(NotTaken::Refused { code, reason }),
     }
-    if let Err(e) = gw.inbox.mark_submitted(&file).await {
-        tracing::warn!(%number, file = %file.name, "cannot move it to submitted/: {e}");
-    }
+}
 
-    let bar = gw.progress.batch(&file.name, number.0);
-    let report = match watch(&gw, number, &bar).await {
-        Ok(status) if status.state() == BatchState::Proven => {
-            deliver(&gw, &file, number, protocol_version, transactions, &status).await
+/// Stores the batch file under [`keys::batch_input`] and returns the key. A batch already
+/// stored with the same bytes (a resubmission) is left as it is; one stored with other bytes is
+/// refused ([`NotTaken::Conflict`]), since proving it would hand back another batch's proof.
+pub(crate) async fn store_input(
+    store: &dyn ArtifactStore,
+    number: BatchNumber,
+    bytes: Vec<u8>,
+) -> Result<String, NotTaken> {
+    let key = keys::batch_input(number);
+    match store.get(&key).await {
+        Ok(existing) if existing == bytes => return Ok(key),
+        Ok(_) => {
+            return Err(NotTaken::Conflict(format!(
+                "batch {number} is already stored at `{key}` with other contents: batch numbers must be unique"
+            )))
         }
+        Err(ArtifactError::NotFound { .. }) => {}
+        Err(e) => return Err(NotTaken::Store(format!("cannot store the batch: {e}"))),
+    }
+    store.put(&key, bytes).await.map_err(|e| NotTaken::Store(format!("cannot store the batch: {e}")))?;
+    Ok(key)
+}
+
+/// How a submitted batch ended.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Ended {
+    /// Proven: the final proof's bytes and the scheduler's last status.
+    Proven { proof: Vec<u8>, status: BatchStatus },
+    /// The scheduler failed the batch, or its proof could not be fetched.
+    Failed { reason: String, status: Option<BatchStatus> },
+    /// The gateway is shutting down; watching it again later picks it up.
+    Interrupted,
+}
+
+impl Ended {
+    /// The outcome word (`proven`, `failed`, `interrupted`).
+    pub(crate) fn word(&self) -> &'static str {
+        match self {
+            Ended::Proven { .. } => Outcome::Proven.word(),
+            Ended::Failed { .. } => "failed",
+            Ended::Interrupted => Outcome::Interrupted.word(),
+        }
+    }
+}
+
+/// Watches a submitted batch until it ends and, when proven, fetches its proof. `label` names it
+/// in logs and on its progress bar (the file name, or `batch N` for the L2 modes).
+pub(crate) async fn follow(gw: &Gateway, number: BatchNumber, label: &str) -> Ended {
+    let bar = gw.progress.batch(label, number.0);
+    let ended = match watch(gw, number, &bar).await {
+        Ok(status) if status.state() == BatchState::Proven => fetch(gw, number, status).await,
         Ok(status) => {
             let reason = if status.error.is_empty() {
                 "failed (the scheduler gave no reason)".into()
             } else {
                 status.error.clone()
             };
-            fail(&gw, &file, number, Some(&status), reason).await
+            Ended::Failed { reason, status: Some(status) }
         }
-        Err(Stop::Shutdown) => Report::early(&file.name, Some(number.0), Outcome::Interrupted),
-        Err(Stop::Refused(reason)) => fail(&gw, &file, number, None, reason).await,
+        Err(Stop::Shutdown) => Ended::Interrupted,
+        Err(Stop::Refused { reason, .. }) => Ended::Failed { reason, status: None },
     };
-    bar.finish(report.outcome.word());
-    report
-}
-
-/// Stores the batch file under [`keys::batch_input`] and returns the key. A batch already
-/// stored with the same bytes (a resubmission) is left as it is; one stored with other bytes is
-/// refused, since proving it would hand back another file's proof under this file's name.
-async fn store_input(store: &dyn ArtifactStore, number: BatchNumber, bytes: Vec<u8>) -> Result<String, String> {
-    let key = keys::batch_input(number);
-    match store.get(&key).await {
-        Ok(existing) if existing == bytes => return Ok(key),
-        Ok(_) => {
-            return Err(format!(
-                "batch {number} is already stored at `{key}` with other contents: batch numbers must be unique"
-            ))
-        }
-        Err(ArtifactError::NotFound { .. }) => {}
-        Err(e) => return Err(format!("cannot store the batch: {e}")),
-    }
-    store.put(&key, bytes).await.map_err(|e| format!("cannot store the batch: {e}"))?;
-    Ok(key)
+    bar.finish(ended.word());
+    ended
 }
 
 /// Follows `WatchBatch` until the batch is proven or failed and returns that last status. A
@@ -138,7 +218,7 @@ async fn watch(gw: &Gateway, number: BatchNumber, bar: &BatchBar) -> Result<Batc
                     tracing::warn!(%number, "the WatchBatch stream broke: {}", describe(&s));
                     break;
                 }
-                Err(s) => return Err(Stop::Refused(format!("WatchBatch: {}", describe(&s)))),
+                Err(s) => return Err(Stop::Refused { code: s.code(), reason: format!("WatchBatch: {}", describe(&s)) }),
             }
         }
         tracing::info!(%number, "watching it again in {:?}", backoff.delay());
@@ -148,15 +228,9 @@ async fn watch(gw: &Gateway, number: BatchNumber, bar: &BatchBar) -> Result<Batc
     }
 }
 
-/// The batch is proven: fetches the proof, writes `<stem>.proof` then `<stem>.json`.
-async fn deliver(
-    gw: &Gateway,
-    file: &BatchFile,
-    number: BatchNumber,
-    version: ProtocolVersion,
-    transactions: usize,
-    status: &BatchStatus,
-) -> Report {
+/// The batch is proven: fetches its proof (inline, or through the store when the scheduler
+/// only names its key).
+async fn fetch(gw: &Gateway, number: BatchNumber, status: BatchStatus) -> Ended {
     let response = retrying(&gw.shutdown, number, "GetProof", || {
         let mut client = gw.client.clone();
         async move { client.get_proof(GetProofRequest { batch_number: number.0 }).await }
@@ -164,198 +238,44 @@ async fn deliver(
     .await;
     let proof = match response {
         Ok(response) => response.into_inner(),
-        Err(Stop::Shutdown) => return Report::early(&file.name, Some(number.0), Outcome::Interrupted),
-        Err(Stop::Refused(reason)) => return fail(gw, file, number, Some(status), reason).await,
+        Err(Stop::Shutdown) => return Ended::Interrupted,
+        Err(Stop::Refused { reason, .. }) => return Ended::Failed { reason, status: Some(status) },
     };
-    // The proof comes inline; a scheduler that only names its key is read through the store.
-    let bytes = match (proof.proof.is_empty(), proof.proof_key.is_empty()) {
-        (false, _) => proof.proof,
+    match (proof.proof.is_empty(), proof.proof_key.is_empty()) {
+        (false, _) => Ended::Proven { proof: proof.proof, status },
         (true, false) => match gw.store.get(&proof.proof_key).await {
-            Ok(bytes) => bytes,
-            Err(e) => return fail(gw, file, number, Some(status), format!("cannot read the proof: {e}")).await,
+            Ok(bytes) => Ended::Proven { proof: bytes, status },
+            Err(e) => Ended::Failed { reason: format!("cannot read the proof: {e}"), status: Some(status) },
         },
-        (true, true) => return fail(gw, file, number, Some(status), "GetProof returned no proof".into()).await,
-    };
-    let summary = ProofSummary {
-        batch_number: number.0,
-        protocol_version: version.to_string(),
-        file: file.name.clone(),
-        transactions,
-        proof_bytes: bytes.len(),
+        (true, true) => Ended::Failed { reason: "GetProof returned no proof".into(), status: Some(status) },
+    }
+}
+
+/// The summary of a proven batch, as `<stem>.json` and the L2 API's `summary` give it. `file`:
+/// the batch file's name in the inbox (`None` for batches from the L2 node).
+pub(crate) fn summary(batch: &ParsedBatch, file: Option<String>, proof_bytes: usize, status: &BatchStatus) -> ProofSummary {
+    ProofSummary {
+        batch_number: batch.number.0,
+        protocol_version: batch.protocol_version.to_string(),
+        file,
+        transactions: batch.transactions,
+        proof_bytes,
         wall_secs: wall_secs(status.created_unix_ms, status.finished_unix_ms),
         compute_secs: (status.compute_secs * 1000.0).round() / 1000.0,
         rounds: RoundCount::from_progress(&status.rounds),
         status: Outcome::Proven.word(),
-    };
-    let written = async {
-        gw.outbox.write(&file.stem, "proof", &bytes).await?;
-        gw.outbox.write(&file.stem, "json", summary.to_json()).await
-    };
-    if let Err(e) = written.await {
-        let reason = format!("cannot write the proof to {}: {e}", gw.outbox.dir().display());
-        tracing::error!(%number, file = %file.name, "{reason}");
-        return Report { outcome: Outcome::Failed(reason), ..report(file, number, Some(status)) };
     }
-    tracing::info!(
-        %number,
-        file = %file.name,
-        proof_bytes = summary.proof_bytes,
-        wall_secs = summary.wall_secs,
-        "proven: {}",
-        gw.outbox.path(&file.stem, "proof").display()
-    );
-    Report { proof_bytes: Some(summary.proof_bytes), outcome: Outcome::Proven, ..report(file, number, Some(status)) }
 }
 
-/// The batch failed (at the scheduler, or its proof could not be fetched): logs it and writes
-/// `<stem>.error`.
-async fn fail(
-    gw: &Gateway,
-    file: &BatchFile,
-    number: BatchNumber,
-    status: Option<&BatchStatus>,
-    reason: String,
-) -> Report {
-    tracing::error!(%number, file = %file.name, "failed: {reason}");
-    if let Err(e) = gw.outbox.write_error(&file.stem, &file.name, &reason).await {
-        tracing::error!(%number, file = %file.name, "cannot write {}: {e}", gw.outbox.path(&file.stem, "error").display());
-    }
-    Report { outcome: Outcome::Failed(reason), ..report(file, number, status) }
-}
-
-/// A report with what the scheduler's last status says (an interruption by default).
-fn report(file: &BatchFile, number: BatchNumber, status: Option<&BatchStatus>) -> Report {
-    let mut report = Report::early(&file.name, Some(number.0), Outcome::Interrupted);
-    if let Some(status) = status {
-        report.rounds = RoundCount::from_progress(&status.rounds);
-        report.wall_secs = Some(wall_secs(status.created_unix_ms, status.finished_unix_ms));
-    }
-    report
+/// Counts a batch that ended (`proofmesh_gateway_batches_total{outcome}`), whatever the mode.
+pub(crate) fn count(outcome: &'static str) {
+    metrics::counter!(proofmesh_core::telemetry::names::GATEWAY_BATCHES, "outcome" => outcome).increment(1);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{sample_batch, serve, status, Script};
     use proofmesh_core::LocalStore;
-    use std::collections::HashMap;
-
-    /// A gateway in a temporary directory, connected to a fake scheduler playing `scripts`, and
-    /// a batch file `batch_<number>.bin` taken from its inbox.
-    async fn gateway(
-        number: u32,
-        scripts: HashMap<u32, Script>,
-    ) -> (tempfile::TempDir, Gateway, Incoming, Arc<std::sync::Mutex<crate::testing::Calls>>) {
-        let dir = tempfile::tempdir().unwrap();
-        let (url, calls) = serve(scripts).await;
-        let shutdown = CancellationToken::new();
-        let client = crate::scheduler::connect(&url, &shutdown).await.unwrap().unwrap();
-        let inbox = Inbox::create(dir.path().join("inbox")).unwrap();
-        let outbox = Outbox::create(dir.path().join("outbox")).unwrap();
-        let gw = Gateway {
-            client,
-            store: Arc::new(LocalStore::new(dir.path().join("data"))),
-            inbox: inbox.clone(),
-            outbox: outbox.clone(),
-            progress: Progress::off(),
-            shutdown,
-        };
-        let path = inbox.dir().join(format!("batch_{number}.bin"));
-        std::fs::write(&path, sample_batch(number)).unwrap();
-        let incoming = inbox.take(path, &outbox).await.unwrap();
-        (dir, gw, incoming, calls)
-    }
-
-    #[tokio::test]
-    async fn proven_batch_is_fetched_and_written_even_after_the_watch_stream_ended_early() {
-        use BatchState::{Proven, Proving};
-        let done = [
-            (0, "basic", 4, 4),
-            (1, "leaf", 1, 1),
-            (2, "node", 1, 1),
-            (3, "recursion_tip", 1, 1),
-            (4, "scheduler", 1, 1),
-            (5, "compression", 1, 1),
-        ];
-        let script = Script {
-            // The first stream ends while the batch is still proving (a scheduler restart).
-            watches: vec![
-                vec![status(5, Proving, &[(0, "basic", 4, 1)])],
-                vec![status(5, Proving, &[(0, "basic", 4, 4)]), status(5, Proven, &done)],
-            ],
-            proof: b"final proof bytes".to_vec(),
-        };
-        let (_dir, gw, incoming, calls) = gateway(5, HashMap::from([(5, script)])).await;
-
-        let report = prove(gw.clone(), incoming).await;
-
-        assert_eq!(report.outcome, Outcome::Proven);
-        assert_eq!((report.batch_number, report.proof_bytes, report.wall_secs), (Some(5), Some(17), Some(12.5)));
-        assert_eq!(crate::summary::compact_circuits(&report.rounds), "4/1/1/1/1");
-        assert_eq!(std::fs::read(gw.outbox.path("batch_5", "proof")).unwrap(), b"final proof bytes");
-        let json: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(gw.outbox.path("batch_5", "json")).unwrap()).unwrap();
-        assert_eq!(json["protocol_version"], "0.1.0");
-        assert_eq!(json["file"], "batch_5.bin");
-        assert_eq!((json["transactions"].as_u64(), json["proof_bytes"].as_u64()), (Some(1), Some(17)));
-        assert_eq!((json["wall_secs"].as_f64(), json["compute_secs"].as_f64()), (Some(12.5), Some(30.123)));
-        assert_eq!(json["rounds"].as_array().unwrap().len(), 6);
-        assert_eq!(json["status"], "proven");
-        assert!(gw.inbox.dir().join("submitted/batch_5.bin").exists());
-        assert!(!gw.outbox.path("batch_5", "error").exists());
-
-        let (watches, submit) = {
-            let calls = calls.lock().unwrap();
-            (calls.watches[&5], calls.submits[0].clone())
-        };
-        assert_eq!(watches, 2, "watched again after the stream ended");
-        assert_eq!(
-            (submit.batch_number, submit.input_key.as_str(), submit.priority),
-            (5, "batches/000005/batch.bin", 0)
-        );
-        assert_eq!(submit.protocol_version, Some(proofmesh_proto::v1::ProtocolVersion { minor: 1, patch: 0 }));
-        assert_eq!(gw.store.get(&submit.input_key).await.unwrap(), sample_batch(5));
-    }
-
-    #[tokio::test]
-    async fn failed_batch_gets_the_schedulers_error() {
-        let mut failed = status(6, BatchState::Failed, &[(0, "basic", 4, 3)]);
-        failed.error = "job (0, 2) seq 1: out of attempts".into();
-        let script = Script { watches: vec![vec![failed]], proof: Vec::new() };
-        let (_dir, gw, incoming, _calls) = gateway(6, HashMap::from([(6, script)])).await;
-
-        let report = prove(gw.clone(), incoming).await;
-
-        assert_eq!(report.outcome, Outcome::Failed("job (0, 2) seq 1: out of attempts".into()));
-        let error = std::fs::read_to_string(gw.outbox.path("batch_6", "error")).unwrap();
-        assert_eq!(error, "batch_6.bin: job (0, 2) seq 1: out of attempts\n");
-        assert!(!gw.outbox.path("batch_6", "proof").exists());
-    }
-
-    #[tokio::test]
-    async fn a_batch_the_scheduler_does_not_know_fails_instead_of_hanging() {
-        // The fake answers NOT_FOUND to WatchBatch for a batch without a script.
-        let (_dir, gw, incoming, _calls) = gateway(8, HashMap::new()).await;
-        let report = prove(gw.clone(), incoming).await;
-        assert!(matches!(&report.outcome, Outcome::Failed(r) if r.starts_with("WatchBatch: NotFound")), "{report:?}");
-        assert!(gw.outbox.path("batch_8", "error").exists());
-    }
-
-    #[tokio::test]
-    async fn shutdown_interrupts_a_watch_and_leaves_no_result() {
-        let script = Script { watches: vec![vec![]], proof: Vec::new() };
-        let (_dir, gw, incoming, _calls) = gateway(9, HashMap::from([(9, script)])).await;
-        let stopper = gw.shutdown.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            stopper.cancel();
-        });
-        let report = prove(gw.clone(), incoming).await;
-        assert_eq!(report.outcome, Outcome::Interrupted);
-        assert!(!gw.outbox.has_result("batch_9"));
-        // Left in submitted/ for the next start to watch again.
-        assert_eq!(gw.inbox.unfinished_submissions(&gw.outbox).unwrap().len(), 1);
-    }
 
     #[tokio::test]
     async fn a_batch_number_stored_with_other_bytes_is_refused() {
@@ -367,7 +287,7 @@ mod tests {
         // The same bytes again (a restart, the same file dropped twice): fine.
         assert_eq!(store_input(&store, BatchNumber(3), b"first".to_vec()).await.unwrap(), key);
         let err = store_input(&store, BatchNumber(3), b"second".to_vec()).await.unwrap_err();
-        assert!(err.contains("batch 3 is already stored"), "{err}");
+        assert!(matches!(&err, NotTaken::Conflict(r) if r.contains("batch 3 is already stored")), "{err:?}");
         assert_eq!(store.get(&key).await.unwrap(), b"first", "the stored batch is untouched");
     }
 }
