@@ -6,12 +6,15 @@
 CARGO ?= cargo
 SETUP_DIR ?= .setup-cache
 GEOMETRY ?= default
+ARTIFACTS ?=
+GATEWAY_MODE ?= inbox
 BIN := target/debug/proofmesh-circuits
 
 .PHONY: help demo chaos build test bench samples prove-samples clean-setup
 
 help:
 	@echo "make demo           the cluster on 127.0.0.1 proves and verifies every sample batch"
+	@echo "                    (ARTIFACTS=s3://BUCKET/PREFIX?endpoint=...|moto, GATEWAY_MODE=inbox|client|server)"
 	@echo "make build          build every crate"
 	@echo "make chaos          the cluster proves batches while processes, the scheduler and PostgreSQL are killed"
 	@echo "make test           unit and integration tests (real proofs), then a short chaos run"
@@ -40,7 +43,7 @@ chaos:
 
 demo:
 	$(CARGO) build --workspace --bins
-	GEOMETRY=$(GEOMETRY) SETUP_DIR=$(SETUP_DIR) scripts/demo.sh
+	GEOMETRY=$(GEOMETRY) SETUP_DIR=$(SETUP_DIR) ARTIFACTS=$(ARTIFACTS) GATEWAY_MODE=$(GATEWAY_MODE) scripts/demo.sh
 
 # Circuit figures first (they also build the setup cache the cluster benchmark loads, and write
 # the job weights: peak memory per circuit, for the scheduler's --job-weights), then the

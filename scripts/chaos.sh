@@ -76,20 +76,20 @@ trap "exit 130" INT TERM
 wait_port() { for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
 start scheduler "$BIN/proofmesh-scheduler" --listen "127.0.0.1:$PORT" --database-url "$DATABASE_URL" \
-  --data-dir "$DATA" --geometry small --lease-timeout-secs "$LEASE" --heartbeat-interval-ms "$HEARTBEAT_MS" \
+  --artifacts "$DATA" --geometry small --lease-timeout-secs "$LEASE" --heartbeat-interval-ms "$HEARTBEAT_MS" \
   --reconnect-grace-secs "$GRACE" --max-attempts 5
 wait_port
 worker() { # name, role, zone, extra args...
   local name=$1 role=$2 zone=$3; shift 3
   start "$name" "$BIN/proofmesh-worker" --role "$role" --name "$name" --zone "$zone" --region chaos \
-    --scheduler "$SCHED" --data-dir "$DATA" --setup-dir "$SETUP_DIR" --drain-grace-secs 5 "$@"
+    --scheduler "$SCHED" --artifacts "$DATA" --setup-dir "$SETUP_DIR" --drain-grace-secs 5 "$@"
 }
 worker wg-a witness-generator a
 worker wvg-a wvg a
 worker prover-a prover a
 worker wvg-b wvg b --host chaos-host-b
 worker prover-b prover b --host chaos-host-b
-start compressor "$BIN/proofmesh-compressor" --setup-dir "$SETUP_DIR" run --scheduler "$SCHED" --data-dir "$DATA" --name compressor
+start compressor "$BIN/proofmesh-compressor" --setup-dir "$SETUP_DIR" run --scheduler "$SCHED" --artifacts "$DATA" --name compressor
 
 # Witness generation at this geometry takes milliseconds, too short to catch by looking: the
 # witness generator is frozen before the batches arrive, so it is surely holding its first lease
@@ -102,7 +102,7 @@ for n in "${BATCHES[@]}"; do
   cp "$f" "$DIR/inbox/.$(basename "$f")" && mv "$DIR/inbox/.$(basename "$f")" "$DIR/inbox/$(basename "$f")"
 done
 # A run that hangs is a failure, not a CI timeout: the gateway gets 15 min (short) or 30.
-timeout "$(( SHORT == 1 ? 900 : 1800 ))" "$BIN/proofmesh-gateway" --scheduler "$SCHED" --data-dir "$DATA" --inbox "$DIR/inbox" --outbox "$DIR/outbox" \
+timeout "$(( SHORT == 1 ? 900 : 1800 ))" "$BIN/proofmesh-gateway" --scheduler "$SCHED" --artifacts "$DATA" --inbox "$DIR/inbox" --outbox "$DIR/outbox" \
   --once >"$LOGS/gateway.out" 2>"$LOGS/gateway.log" &
 GATEWAY=$!
 say "cluster up: batches ${BATCHES[*]}, leases ${LEASE} s, heartbeats ${HEARTBEAT_MS} ms, reconnect grace ${GRACE} s"

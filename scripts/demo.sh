@@ -9,7 +9,14 @@
 # failed or any proof did not verify.
 #
 # Settings (environment): GEOMETRY (default|small, default "default"), SETUP_DIR (.setup-cache),
-# DEMO_DIR (out/demo), DEMO_PORT (scheduler port, 50151), SAMPLES (samples).
+# DEMO_DIR (out/demo), DEMO_PORT (scheduler port, 50151; the ports above it are used too),
+# SAMPLES (samples), and:
+#   ARTIFACTS     the artifact store: unset, a directory under DEMO_DIR; `s3://BUCKET/PREFIX?...`
+#                 a bucket of yours (credentials from the AWS variables); `moto`, a throwaway
+#                 S3-protocol server (moto_server from .venv, scripts/test-tools.sh) and bucket.
+#   GATEWAY_MODE  how batches come in: `inbox` (files, the default); `client` (the gateway polls a
+#                 simulated L2 node, scripts/l2-node-sim.py serve, and posts proofs back);
+#                 `server` (the simulated node pushes batches to the gateway and polls for proofs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,9 +32,12 @@ SAMPLES="${SAMPLES:-samples}"
 BIN=target/debug
 SCHED="http://127.0.0.1:$PORT"
 
+GATEWAY_MODE="${GATEWAY_MODE:-inbox}"
+case "$GATEWAY_MODE" in inbox|client|server) ;; *) echo "GATEWAY_MODE must be inbox, client or server" >&2; exit 2;; esac
+
 rm -rf "$DEMO_DIR"
 mkdir -p "$DEMO_DIR"/{data,inbox,outbox,logs} "$SETUP_DIR"
-DATA="$DEMO_DIR/data"; LOGS="$DEMO_DIR/logs"
+LOGS="$DEMO_DIR/logs"
 
 PIDS=()
 stop_all() {
@@ -35,6 +45,27 @@ stop_all() {
   wait 2>/dev/null || true
 }
 trap stop_all EXIT
+
+wait_port() { # port: until something listens there (10 s)
+  for _ in $(seq 100); do
+    if (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "demo: nothing listens on port $1" >&2; return 1
+}
+
+DATA="${ARTIFACTS:-$DEMO_DIR/data}"
+if [[ "$DATA" == moto ]]; then
+  MOTO_PORT=$((PORT + 3))
+  [[ -x .venv/bin/moto_server ]] || scripts/test-tools.sh
+  .venv/bin/moto_server -H 127.0.0.1 -p "$MOTO_PORT" >"$LOGS/moto.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$MOTO_PORT"
+  export AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_EC2_METADATA_DISABLED=true
+  .venv/bin/python -c "import boto3; boto3.client('s3', endpoint_url='http://127.0.0.1:$MOTO_PORT', region_name='us-east-1').create_bucket(Bucket='proofmesh-demo')"
+  DATA="s3://proofmesh-demo/demo?endpoint=http://127.0.0.1:$MOTO_PORT&region=us-east-1"
+fi
+echo "== artifacts: $DATA; gateway mode: $GATEWAY_MODE"
 
 start() { # name, program, args...
   local name=$1; shift
@@ -44,16 +75,13 @@ start() { # name, program, args...
 
 echo "== scheduler on $SCHED (geometry $GEOMETRY), logs in $LOGS"
 start scheduler "$BIN/proofmesh-scheduler" --listen "127.0.0.1:$PORT" --database-url "$DATABASE_URL" \
-  --data-dir "$DATA" --geometry "$GEOMETRY"
-for _ in $(seq 100); do
-  if (echo >"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then break; fi
-  sleep 0.1
-done
+  --artifacts "$DATA" --geometry "$GEOMETRY"
+wait_port "$PORT"
 
 worker() { # name, role, zone, extra args...
   local name=$1 role=$2 zone=$3; shift 3
   start "$name" "$BIN/proofmesh-worker" --role "$role" --name "$name" --zone "$zone" --region demo \
-    --scheduler "$SCHED" --data-dir "$DATA" --setup-dir "$SETUP_DIR" "$@"
+    --scheduler "$SCHED" --artifacts "$DATA" --setup-dir "$SETUP_DIR" "$@"
 }
 echo "== workers: zone a: witness-generator, wvg, prover; zone b: wvg, prover; compressor"
 worker wg-a witness-generator a
@@ -63,17 +91,43 @@ worker wvg-a wvg a
 worker prover-a prover a
 worker wvg-b wvg b --host demo-host-b
 worker prover-b prover b --host demo-host-b
-start compressor "$BIN/proofmesh-compressor" --setup-dir "$SETUP_DIR" run --scheduler "$SCHED" --data-dir "$DATA" --name compressor
+start compressor "$BIN/proofmesh-compressor" --setup-dir "$SETUP_DIR" run --scheduler "$SCHED" --artifacts "$DATA" --name compressor
 
-for f in "$SAMPLES"/batch_*.bin; do
-  cp "$f" "$DEMO_DIR/inbox/.$(basename "$f")"
-  mv "$DEMO_DIR/inbox/.$(basename "$f")" "$DEMO_DIR/inbox/$(basename "$f")"
-done
-echo "== gateway: proving $(ls "$DEMO_DIR/inbox" | wc -l) batches (the first run also builds setup data into $SETUP_DIR)"
+# Results land in $DEMO_DIR/outbox in every mode: the gateway's outbox, or the simulated
+# node's --out (the same file names: batch_N.proof, batch_N.json, batch_N.error).
+echo "== gateway: proving $(ls "$SAMPLES"/batch_*.bin | wc -l) batches (the first run also builds setup data into $SETUP_DIR)"
 set +e
-"$BIN/proofmesh-gateway" --scheduler "$SCHED" --data-dir "$DATA" --inbox "$DEMO_DIR/inbox" \
-  --outbox "$DEMO_DIR/outbox" --once --progress 2>"$LOGS/gateway.log"
-gateway_status=$?
+case "$GATEWAY_MODE" in
+  inbox)
+    for f in "$SAMPLES"/batch_*.bin; do
+      cp "$f" "$DEMO_DIR/inbox/.$(basename "$f")"
+      mv "$DEMO_DIR/inbox/.$(basename "$f")" "$DEMO_DIR/inbox/$(basename "$f")"
+    done
+    "$BIN/proofmesh-gateway" --scheduler "$SCHED" --artifacts "$DATA" --inbox "$DEMO_DIR/inbox" \
+      --outbox "$DEMO_DIR/outbox" --once --progress 2>"$LOGS/gateway.log"
+    gateway_status=$?
+    ;;
+  client)
+    NODE_PORT=$((PORT + 1))
+    python3 scripts/l2-node-sim.py serve --listen "127.0.0.1:$NODE_PORT" --batches "$SAMPLES" \
+      --out "$DEMO_DIR/outbox" --exit-when-done >"$LOGS/l2-node.log" 2>&1 &
+    node=$!
+    wait_port "$NODE_PORT"
+    start gateway "$BIN/proofmesh-gateway" --mode client --scheduler "$SCHED" --artifacts "$DATA" \
+      --l2-node-url "http://127.0.0.1:$NODE_PORT"
+    wait "$node"
+    gateway_status=$?
+    ;;
+  server)
+    GATEWAY_PORT=$((PORT + 2))
+    start gateway "$BIN/proofmesh-gateway" --mode server --scheduler "$SCHED" --artifacts "$DATA" \
+      --listen "127.0.0.1:$GATEWAY_PORT"
+    wait_port "$GATEWAY_PORT"
+    python3 scripts/l2-node-sim.py push --gateway "http://127.0.0.1:$GATEWAY_PORT" --batches "$SAMPLES" \
+      --out "$DEMO_DIR/outbox" >"$LOGS/l2-node.log" 2>&1
+    gateway_status=$?
+    ;;
+esac
 set -e
 
 # One row per batch: circuits per round, proof size and wall time from the gateway's JSON

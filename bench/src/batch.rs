@@ -76,12 +76,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         procs.0.push(Command::new(bin.join(program)).args(a).stdout(Stdio::null()).stderr(log).spawn()?);
         Ok(())
     };
-    spawn("scheduler", "proofmesh-scheduler", &["--listen", &listen, "--database-url", &db_url, "--data-dir", d, "--geometry", &args.geometry])?;
-    let common = ["--scheduler", url.as_str(), "--data-dir", d, "--setup-dir", s];
+    spawn("scheduler", "proofmesh-scheduler", &["--listen", &listen, "--database-url", &db_url, "--artifacts", d, "--geometry", &args.geometry])?;
+    let common = ["--scheduler", url.as_str(), "--artifacts", d, "--setup-dir", s];
     spawn("wg", "proofmesh-worker", &[&["--role", "witness-generator"][..], &common].concat())?;
     spawn("wvg", "proofmesh-worker", &[&["--role", "wvg"][..], &common].concat())?;
     spawn("prover", "proofmesh-worker", &[&["--role", "prover", "--capacity", &cap][..], &common].concat())?;
-    spawn("compressor", "proofmesh-compressor", &["--setup-dir", s, "run", "--scheduler", &url, "--data-dir", d])?;
+    spawn("compressor", "proofmesh-compressor", &["--setup-dir", s, "run", "--scheduler", &url, "--artifacts", d])?;
 
     let store = Arc::new(LocalStore::new(&data));
     store.put(&keys::batch_input(batch.number), bytes).await?;

@@ -77,6 +77,7 @@ pub fn settings(geometry: Geometry) -> Settings {
         prover_groups: None,
         policy: Policy::default(),
         housekeeping: None,
+        grpc: Default::default(),
     }
 }
 

@@ -15,7 +15,7 @@ struct Sink;
 #[tonic::async_trait]
 impl v1::prover_server::Prover for Sink {
     async fn push_witness_vector(&self, r: Request<Streaming<v1::WitnessVectorChunk>>) -> Result<Response<v1::PushReceipt>, Status> {
-        let (_, bytes) = receive(r.into_inner()).await?;
+        let (_, bytes) = receive(r.into_inner(), u64::MAX).await?;
         Ok(Response::new(v1::PushReceipt { received_bytes: bytes.len() as u64 }))
     }
 }

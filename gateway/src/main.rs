@@ -29,12 +29,10 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use proofmesh_core::{ArtifactStore, LocalStore};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -61,10 +59,10 @@ struct Settings {
     /// The scheduler's gRPC address.
     #[arg(long, env = "PROOFMESH_SCHEDULER", default_value = "http://127.0.0.1:50051")]
     scheduler: String,
-    /// Root of the artifact store the cluster shares; batch files are stored under
-    /// `batches/<number>/batch.bin` there.
-    #[arg(long, env = "PROOFMESH_DATA_DIR")]
-    data_dir: PathBuf,
+    /// The artifact store the cluster shares (a directory, or `s3://BUCKET/PREFIX?...`: README,
+    /// Artifact stores); batch files are stored under `batches/<number>/batch.bin` there.
+    #[arg(long, visible_alias = "data-dir", env = "PROOFMESH_ARTIFACTS")]
+    artifacts: proofmesh_artifacts::ArtifactsUrl,
     /// Where batches come from and where proofs go: `inbox` (directories), `client` (poll the
     /// L2 node), `server` (the L2 node pushes and polls). See `docs/gateway-api.md`.
     #[arg(long, env = "PROOFMESH_MODE", value_enum, default_value_t = Mode::Inbox)]
@@ -163,7 +161,7 @@ async fn run(settings: Settings, progress: Progress) -> anyhow::Result<ExitCode>
         (Mode::Inbox, _, _) => anyhow::bail!("--inbox and --outbox are required in inbox mode"),
         _ => None,
     };
-    let store: Arc<dyn ArtifactStore> = Arc::new(LocalStore::new(&settings.data_dir));
+    let store = proofmesh_artifacts::open(&settings.artifacts).await.context("opening the artifact store")?;
     let Some(client) = scheduler::connect(&settings.scheduler, &shutdown).await? else {
         // Stopped while waiting: a failure only for `--once`, which did not do its job.
         return Ok(if settings.once { ExitCode::FAILURE } else { ExitCode::SUCCESS });

@@ -10,6 +10,8 @@ pub mod v1 {
 }
 
 mod convert;
+pub mod limits;
 mod serve;
 
+pub use limits::GrpcLimits;
 pub use serve::{reflection_and_health, HealthReporter, ServingStatus, DESCRIPTOR_SET};

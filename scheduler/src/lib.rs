@@ -63,11 +63,16 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let dispatcher = tokio::spawn(dispatch::run(shared.clone(), cancel.clone()));
     let expiry = tokio::spawn(expiry::run(shared.clone(), cancel.clone()));
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .add_service(v1::scheduler_server::SchedulerServer::new(work::WorkService::new(shared.clone(), cancel.clone())))
-        .add_service(v1::batches_server::BatchesServer::new(batches::BatchService::new(shared.clone())))
-        .add_service(v1::admin_server::AdminServer::new(admin::AdminService::new(shared.clone())));
+    let limits = &shared.settings.grpc;
+    let max = limits.max_message_bytes();
+    let router = limits
+        .server()
+        .add_service(
+            v1::scheduler_server::SchedulerServer::new(work::WorkService::new(shared.clone(), cancel.clone()))
+                .max_decoding_message_size(max),
+        )
+        .add_service(v1::batches_server::BatchesServer::new(batches::BatchService::new(shared.clone())).max_decoding_message_size(max))
+        .add_service(v1::admin_server::AdminServer::new(admin::AdminService::new(shared.clone())).max_decoding_message_size(max));
     let (router, health) = proofmesh_proto::reflection_and_health(router)?;
     readiness::not_serving(&health).await;
     let readiness = tokio::spawn(readiness::run(shared.clone(), health, cancel.clone()));

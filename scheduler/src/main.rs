@@ -99,6 +99,8 @@ struct Args {
     /// Database connections.
     #[arg(long, env = "PROOFMESH_DATABASE_CONNECTIONS", default_value_t = 16)]
     database_connections: u32,
+    #[command(flatten)]
+    grpc: proofmesh_proto::GrpcLimits,
 }
 
 #[tokio::main]
@@ -178,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
             retention_secs: args.artifact_retention_secs.max(0.0),
             interval_secs: args.housekeeping_interval_secs.max(1.0),
         }),
+        grpc: args.grpc.clone(),
     };
     let shared = Shared::new(pool, settings, proofmesh_artifacts::open(&args.artifacts).await.context("opening the artifact store")?);
     let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;

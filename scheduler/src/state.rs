@@ -64,6 +64,8 @@ pub struct Settings {
     pub policy: Policy,
     /// The house keeper's; `None`: artifacts are kept for ever.
     pub housekeeping: Option<Housekeeping>,
+    /// Limits of the gRPC server (message size, concurrency, deadlines, keepalive).
+    pub grpc: proofmesh_proto::GrpcLimits,
 }
 
 /// When the house keeper deletes the artifacts of finished batches.

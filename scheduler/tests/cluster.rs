@@ -1,7 +1,11 @@
 //! The whole cluster as separate processes on 127.0.0.1: scheduler, witness generator, WVG,
-//! prover, compressor and gateway. A sample batch goes in at the gateway's inbox beside a file
-//! that is not a batch; the batch comes out as a final proof that `proofmesh-compressor verify`
-//! accepts, and the other file as an `.error`. Every process serves `/metrics`: while the batch
+//! prover, compressor and gateway, their artifacts in an S3 bucket (a real S3-protocol server,
+//! moto_server). A sample batch goes in at the gateway's inbox beside a file that is not a
+//! batch; the batch comes out as a final proof that `proofmesh-compressor verify` accepts, and
+//! the other file as an `.error`. The compressor starts with an empty setup directory and
+//! fetches its setup data from the bucket. Then two more batches come from a simulated L2 node
+//! over the proof data API (`scripts/l2-node-sim.py`), one through a gateway in client mode and
+//! one through a gateway in server mode, and their proofs, back at the node, verify. Every process serves `/metrics`: while the batch
 //! proves, the scheduler's queue depth must match the jobs in the database, and each process's
 //! metrics must parse with the Prometheus client (PyPI `prometheus_client`). Needs the
 //! workspace's binaries and `DATABASE_URL` (`make test` provides both) and the test tools
@@ -14,6 +18,11 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use proofmesh_artifacts::test_server::{self, MotoServer};
+use proofmesh_artifacts::{ArtifactsUrl, S3Store};
+use proofmesh_circuits::setup::{CircuitKey, SetupStore};
+use proofmesh_core::{keys, ArtifactStore, Geometry, ProtocolVersion};
 
 /// Kills the processes it holds when dropped, so a failing test leaves nothing running.
 struct Procs(Vec<(String, Child)>);
@@ -39,9 +48,18 @@ fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// A command for one of the workspace's binaries, with the test bucket's credentials.
+fn command(program: &str) -> Command {
+    let mut c = Command::new(bin(program));
+    c.env("AWS_ACCESS_KEY_ID", test_server::ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", test_server::SECRET_KEY)
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    c
+}
+
 fn spawn(procs: &mut Procs, logs: &Path, name: &str, program: &str, args: &[&str]) {
     let log = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(bin(program))
+    let child = command(program)
         .args(args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -114,13 +132,29 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (pool, db_url) = rt.block_on(common::fresh_database());
     let tmp = tempfile::tempdir().unwrap();
-    let (data, inbox, outbox, logs) =
-        (tmp.path().join("data"), tmp.path().join("inbox"), tmp.path().join("outbox"), tmp.path().join("logs"));
-    for d in [&data, &inbox, &outbox, &logs] {
+    let (inbox, outbox, logs, compressor_setup) =
+        (tmp.path().join("inbox"), tmp.path().join("outbox"), tmp.path().join("logs"), tmp.path().join("compressor-setup"));
+    for d in [&inbox, &outbox, &logs] {
         std::fs::create_dir_all(d).unwrap();
     }
     // Shared with the proof-tree tests: small-geometry setup data is built once per target dir.
     let setup = Path::new(env!("CARGO_TARGET_TMPDIR")).join("setup-cache");
+    let moto = MotoServer::start();
+    rt.block_on(moto.make_bucket("cluster"));
+    let artifacts = moto.url("cluster", "e2e", "");
+    // The compression stage's setup files in the bucket, as a worker that built them publishes
+    // them (`ArtifactMirror`): the compressor, whose setup directory is empty, must fetch them.
+    rt.block_on(async {
+        let local = SetupStore::new(&setup, ProtocolVersion::CURRENT, Geometry::small()).unwrap();
+        local.verifier(CircuitKey::Compression).unwrap();
+        let ArtifactsUrl::S3(loc) = artifacts.parse().unwrap() else { unreachable!() };
+        let bucket = S3Store::connect(loc, Some(MotoServer::credentials())).await.unwrap();
+        let folder = local.folder().file_name().unwrap().to_str().unwrap().to_string();
+        for file in ["compression.circuit", "compression.verifier", "scheduler.verifier"] {
+            let bytes = std::fs::read(local.folder().join(file)).unwrap();
+            bucket.put(&keys::setup_file(&format!("{folder}/{file}")), bytes).await.unwrap();
+        }
+    });
     let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples");
     let batch = samples.join("batch_000001.bin");
     std::fs::copy(&batch, inbox.join(".batch_000001.bin")).unwrap();
@@ -129,7 +163,7 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
 
     let port = free_port();
     let scheduler = format!("http://127.0.0.1:{port}");
-    let (d, s) = (data.to_str().unwrap(), setup.to_str().unwrap());
+    let (d, s) = (artifacts.as_str(), setup.to_str().unwrap());
     let mut procs = Procs(vec![]);
     let listen = format!("127.0.0.1:{port}");
     // Each process's metrics port.
@@ -137,11 +171,11 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
         ["scheduler", "wg", "wvg-a", "prover-a", "compressor", "gateway"].into_iter().map(|n| (n, free_port())).collect();
     let metrics_at = |name: &str| format!("127.0.0.1:{}", metrics[name]);
     spawn(&mut procs, &logs, "scheduler", "proofmesh-scheduler", &[
-        "--listen", &listen, "--database-url", &db_url, "--data-dir", d, "--geometry", "small",
+        "--listen", &listen, "--database-url", &db_url, "--artifacts", d, "--geometry", "small",
         "--metrics-listen", &metrics_at("scheduler"),
     ]);
     let worker = |name: &str, role: &str, zone: &str| -> Vec<String> {
-        ["--role", role, "--scheduler", &scheduler, "--zone", zone, "--data-dir", d, "--setup-dir", s, "--metrics-listen", &metrics_at(name)]
+        ["--role", role, "--scheduler", &scheduler, "--zone", zone, "--artifacts", d, "--setup-dir", s, "--metrics-listen", &metrics_at(name)]
             .iter()
             .map(|x| x.to_string())
             .collect()
@@ -156,12 +190,13 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
         spawn(&mut procs, &logs, name, "proofmesh-worker", &args);
     }
     spawn(&mut procs, &logs, "compressor", "proofmesh-compressor", &[
-        "--setup-dir", s, "run", "--scheduler", &scheduler, "--data-dir", d, "--metrics-listen", &metrics_at("compressor"),
+        "--setup-dir", compressor_setup.to_str().unwrap(), "run", "--scheduler", &scheduler, "--artifacts", d,
+        "--metrics-listen", &metrics_at("compressor"),
     ]);
 
     let start = Instant::now();
-    let mut gateway = Command::new(bin("proofmesh-gateway"))
-        .args(["--scheduler", &scheduler, "--data-dir", d, "--inbox", inbox.to_str().unwrap(), "--outbox", outbox.to_str().unwrap(), "--once"])
+    let mut gateway = command("proofmesh-gateway")
+        .args(["--scheduler", &scheduler, "--artifacts", d, "--inbox", inbox.to_str().unwrap(), "--outbox", outbox.to_str().unwrap(), "--once"])
         .args(["--metrics-listen", &metrics_at("gateway")])
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(logs.join("gateway.log")).unwrap())
@@ -208,17 +243,64 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
     let summary = std::fs::read_to_string(outbox.join("batch_000001.json")).unwrap();
     assert!(summary.contains("\"proven\""), "{summary}");
 
-    let verify = |batch: &Path| {
+    let verify = |proof: &Path, batch: &Path| {
         Command::new(bin("proofmesh-compressor"))
             .args(["--setup-dir", s, "verify", "--proof", proof.to_str().unwrap(), "--batch", batch.to_str().unwrap()])
             .output()
             .unwrap()
     };
-    let ok = verify(&batch);
+    let ok = verify(&proof, &batch);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
     // The same proof does not prove another batch.
-    let other = verify(&samples.join("batch_000002.bin"));
+    let other = verify(&proof, &samples.join("batch_000002.bin"));
     assert_eq!(other.status.code(), Some(1), "{}", String::from_utf8_lossy(&other.stdout));
+
+    // The L2 node's proof data API, both ways, over HTTP on loopback with the simulated node
+    // (scripts/l2-node-sim.py): batch 2 is fetched by a gateway in client mode, batch 3 pushed
+    // to a gateway in server mode; both proofs come back to the node and verify.
+    let sim = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/l2-node-sim.py");
+    let generated = proofmesh_circuits::sample::generate_batches(7, 16, &[2, 3], 2).unwrap();
+    let node_dir = |name: &str, batch: &proofmesh_circuits::batch::Batch| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(dir.join("batches")).unwrap();
+        std::fs::write(dir.join(format!("batches/batch_{:06}.bin", batch.number.0)), batch.to_bytes()).unwrap();
+        dir
+    };
+    let (client_node, server_node) = (node_dir("node-client", &generated[0]), node_dir("node-server", &generated[1]));
+    let (node_port, gateway_port) = (free_port(), free_port());
+    let node_sim = |dir: &Path, args: &[&str]| {
+        Command::new("python3")
+            .arg(&sim)
+            .args(args)
+            .args(["--batches", dir.join("batches").to_str().unwrap(), "--out", dir.join("out").to_str().unwrap()])
+            .args(["--timeout-secs", "900"])
+            .stdout(std::fs::File::create(dir.join("node.log")).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    };
+    let mut serving = node_sim(&client_node, &["serve", "--listen", &format!("127.0.0.1:{node_port}"), "--exit-when-done"]);
+    spawn(&mut procs, &logs, "gateway-client", "proofmesh-gateway", &[
+        "--mode", "client", "--scheduler", &scheduler, "--artifacts", d,
+        "--l2-node-url", &format!("http://127.0.0.1:{node_port}"), "--poll-interval-ms", "200",
+    ]);
+    spawn(&mut procs, &logs, "gateway-server", "proofmesh-gateway", &[
+        "--mode", "server", "--scheduler", &scheduler, "--artifacts", d, "--listen", &format!("127.0.0.1:{gateway_port}"),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", gateway_port)).is_err() {
+        assert!(Instant::now() < deadline, "the server-mode gateway does not listen\n{}", logs_of(&logs));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut pushing = node_sim(&server_node, &["push", "--gateway", &format!("http://127.0.0.1:{gateway_port}"), "--poll-interval-ms", "200"]);
+    let node_log = |dir: &Path| std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
+    for (dir, node, batch) in [(&client_node, &mut serving, &generated[0]), (&server_node, &mut pushing, &generated[1])] {
+        let status = node.wait().unwrap();
+        assert!(status.success(), "the node simulator in {} failed\n{}\n{}", dir.display(), node_log(dir), logs_of(&logs));
+        let stem = format!("batch_{:06}", batch.number.0);
+        let ok = verify(&dir.join(format!("out/{stem}.proof")), &dir.join(format!("batches/{stem}.bin")));
+        assert!(ok.status.success(), "{}: {}", dir.display(), String::from_utf8_lossy(&ok.stdout));
+    }
 
     // Every process's metrics parse, and say what it did.
     let of = |name: &str| parse_metrics(&scrape(metrics[name]).unwrap_or_else(|| panic!("{name} serves no metrics")));
@@ -245,6 +327,16 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
     let prover = workers.iter().find(|w| w.role == proofmesh_proto::v1::Role::Prover as i32).expect("the prover is connected");
     assert!(!prover.loaded_setups.is_empty(), "the prover reports its loaded setups: {prover:?}");
     assert_eq!(prover.protocol_versions, [proofmesh_proto::v1::ProtocolVersion { minor: 1, patch: 0 }]);
+
+    // The compressor fetched its setup data from the bucket instead of building it.
+    let compressor_log = std::fs::read_to_string(logs.join("compressor.log")).unwrap();
+    assert!(
+        compressor_log.contains("setup data fetched from the artifact store") && compressor_log.contains("compression.circuit"),
+        "the compressor did not fetch its setup data\n{compressor_log}"
+    );
+    // The batch's artifacts are objects under the bucket's prefix.
+    let listed = rt.block_on(moto.raw_client().list_objects_v2().bucket("cluster").prefix("e2e/batches/000001/").send()).unwrap();
+    assert!(listed.contents().iter().any(|o| o.key() == Some("e2e/batches/000001/final.proof")), "{listed:?}");
 
     // Every process is still up: nothing crashed along the way.
     for (name, c) in &mut procs.0 {

@@ -91,6 +91,14 @@ struct Args {
     /// On SIGTERM, how long the jobs held may run before they are handed back, seconds.
     #[arg(long, env = "PROOFMESH_DRAIN_GRACE_SECS", default_value_t = 60.0)]
     drain_grace_secs: f64,
+    /// Provers: the largest witness vector accepted, MiB; a larger push is refused from its
+    /// header, before anything is allocated for it.
+    #[arg(long, env = "PROOFMESH_MAX_WITNESS_VECTOR_MIB", default_value_t = proofmesh_worker::stream::DEFAULT_MAX_WITNESS_VECTOR_MIB,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_witness_vector_mib: u64,
+    /// Provers: limits of the `Prover` server.
+    #[command(flatten)]
+    grpc: proofmesh_proto::GrpcLimits,
 }
 
 #[tokio::main]
@@ -145,12 +153,14 @@ async fn main() -> anyhow::Result<()> {
             setups,
             client: client.clone(),
             draining: drain.clone(),
+            max_witness_vector_bytes: args.max_witness_vector_mib << 20,
         };
-        let router = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
+        let router = args
+            .grpc
+            .server()
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
-            .add_service(v1::prover_server::ProverServer::new(service).max_decoding_message_size(8 << 20));
+            .add_service(v1::prover_server::ProverServer::new(service).max_decoding_message_size(args.grpc.max_message_bytes()));
         let (router, _serving) = proofmesh_proto::reflection_and_health(router)?;
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()));

@@ -31,6 +31,8 @@ pub struct ProverService {
     pub client: Arc<LeaseClient>,
     /// Set on SIGTERM: refuse new witness vectors.
     pub draining: CancellationToken,
+    /// The largest witness vector accepted, bytes (`--max-witness-vector-mib`).
+    pub max_witness_vector_bytes: u64,
 }
 
 #[tonic::async_trait]
@@ -43,7 +45,7 @@ impl v1::prover_server::Prover for ProverService {
             return Err(Status::failed_precondition("prover draining: it takes no new witness vectors"));
         }
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| Status::resource_exhausted("no free proving slot"))?;
-        let (header, wv) = receive(request.into_inner()).await?;
+        let (header, wv) = receive(request.into_inner(), self.max_witness_vector_bytes).await?;
         let received = wv.len() as u64;
         metrics::counter!(proofmesh_core::telemetry::names::WITNESS_VECTOR_BYTES, "direction" => "received").increment(received);
         let lease = header.lease_id.clone();

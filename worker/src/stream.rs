@@ -9,8 +9,9 @@ use tonic::{Status, Streaming};
 /// 4 MiB message limit.
 pub const CHUNK_BYTES: usize = 1 << 20;
 
-/// The largest witness vector a prover accepts, bytes (a 2^20-row circuit of 135 wires is ~1.1 GB).
-pub const MAX_WITNESS_VECTOR_BYTES: u64 = 4 << 30;
+/// The largest witness vector a prover accepts by default, MiB (`--max-witness-vector-mib`; a
+/// 2^20-row circuit of 135 wires is ~1.1 GB).
+pub const DEFAULT_MAX_WITNESS_VECTOR_MIB: u64 = 4096;
 
 /// HTTP/2 flow-control windows for witness-vector streams, bytes: the defaults (64 KiB) cap
 /// loopback throughput far below the link's.
@@ -44,14 +45,21 @@ pub async fn push(channel: Channel, mut header: v1::WitnessVectorHeader, bytes: 
 
 /// Reads a whole push: the header, then exactly `size` bytes whose CRC-32 matches. Errors:
 /// `INVALID_ARGUMENT` (no header first, too large), `DATA_LOSS` (size or checksum mismatch).
-pub async fn receive(mut stream: Streaming<v1::WitnessVectorChunk>) -> Result<(v1::WitnessVectorHeader, Vec<u8>), Status> {
+///
+/// `max_bytes` bounds the declared size: a larger push is refused from its header, before any
+/// buffer is allocated, and more bytes than declared are refused as they arrive, so a push never
+/// holds more than `max_bytes`.
+pub async fn receive(
+    mut stream: Streaming<v1::WitnessVectorChunk>,
+    max_bytes: u64,
+) -> Result<(v1::WitnessVectorHeader, Vec<u8>), Status> {
     let header = match stream.message().await?.and_then(|c| c.part) {
         Some(Part::Header(h)) => h,
         _ => return Err(Status::invalid_argument("a witness vector stream starts with its header")),
     };
-    if header.size > MAX_WITNESS_VECTOR_BYTES {
+    if header.size > max_bytes {
         return Err(Status::invalid_argument(format!(
-            "witness vector of {} bytes exceeds {MAX_WITNESS_VECTOR_BYTES}",
+            "witness vector of {} bytes exceeds this prover's limit of {max_bytes} bytes (--max-witness-vector-mib)",
             header.size
         )));
     }

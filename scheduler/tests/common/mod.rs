@@ -61,6 +61,7 @@ pub fn settings() -> Settings {
         prover_groups: None,
         policy: Default::default(),
         housekeeping: None,
+        grpc: Default::default(),
     }
 }
 
