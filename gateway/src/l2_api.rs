@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tonic::Code;
 
 use crate::summary::ProofSummary;
-use crate::watch::{NotTaken, ParsedBatch};
+use crate::watch::{self, Ended, Gateway, NotTaken, ParsedBatch};
 
 /// Paths, relative to the node's URL (client mode) or the gateway's `--listen` (server mode).
 pub(crate) mod paths {
@@ -243,6 +243,26 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(ErrorBody { error: self.reason })).into_response()
     }
+}
+
+/// Follows a submitted batch to its end (the shared path's [`watch::follow`]) and gives its
+/// result as both L2 API modes hand it to the node, logged and counted; `None` if the gateway
+/// stopped first (the batch is followed again after a restart).
+pub async fn follow(gw: &Gateway, batch: &ParsedBatch) -> Option<ProofResult> {
+    let number = batch.number;
+    let result = match watch::follow(gw, number, &format!("batch {number}")).await {
+        Ended::Proven { proof, status } => {
+            tracing::info!(%number, proof_bytes = proof.len(), "proven");
+            ProofResult::proven(watch::summary(batch, None, proof.len(), &status), &proof)
+        }
+        Ended::Failed { reason, .. } => {
+            tracing::error!(%number, "failed: {reason}");
+            ProofResult::without_proof(number.0, batch.protocol_version.to_string(), ProofStatus::Failed, Some(reason))
+        }
+        Ended::Interrupted => return None,
+    };
+    watch::count(if result.status == ProofStatus::Proven { "proven" } else { "failed" });
+    Some(result)
 }
 
 #[cfg(test)]

@@ -23,9 +23,9 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::l2_api::{paths, ProofGenerationData, ProofGenerationDataResponse, ProofResult, ProofStatus};
+use crate::l2_api::{self, paths, ProofGenerationData, ProofGenerationDataResponse, ProofResult, ProofStatus};
 use crate::scheduler::{backoff, error_chain};
-use crate::watch::{self, Ended, Gateway, NotTaken, ParsedBatch};
+use crate::watch::{self, Gateway, NotTaken, ParsedBatch};
 
 /// How long one HTTP exchange with the node may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -126,21 +126,9 @@ async fn take(
 
 /// Follows a submitted batch and posts its result.
 async fn prove(gw: &Gateway, node: &Node, batch: ParsedBatch) {
-    let number = batch.number;
-    let result = match watch::follow(gw, number, &format!("batch {number}")).await {
-        Ended::Proven { proof, status } => {
-            tracing::info!(%number, proof_bytes = proof.len(), "proven");
-            ProofResult::proven(watch::summary(&batch, None, proof.len(), &status), &proof)
-        }
-        Ended::Failed { reason, .. } => {
-            tracing::error!(%number, "failed: {reason}");
-            let version = batch.protocol_version.to_string();
-            ProofResult::without_proof(number.0, version, ProofStatus::Failed, Some(reason))
-        }
-        Ended::Interrupted => return,
-    };
-    watch::count(if result.status == ProofStatus::Proven { "proven" } else { "failed" });
-    node.submit_result(&result, &gw.shutdown).await;
+    if let Some(result) = l2_api::follow(gw, &batch).await {
+        node.submit_result(&result, &gw.shutdown).await;
+    }
 }
 
 /// A batch refused before the scheduler took it: logged, counted, posted back (in a task, so

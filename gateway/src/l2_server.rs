@@ -29,9 +29,10 @@ use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 
 use crate::l2_api::{
+    self,
     paths, ApiError, PollRequest, ProofGenerationData, ProofResult, ProofStatus, SubmitResponse, Submitted,
 };
-use crate::watch::{self, Ended, Gateway, ParsedBatch};
+use crate::watch::{self, Gateway, ParsedBatch};
 
 /// How long a push may wait for the scheduler to take the batch (it retries while the scheduler
 /// is away) before the node is answered 503 and asked to push again.
@@ -101,24 +102,9 @@ impl App {
 
     /// Follows a batch to its end and files the result (nothing on shutdown).
     async fn follow(&self, batch: ParsedBatch) {
-        let number = batch.number;
-        let result = match watch::follow(&self.gw, number, &format!("batch {number}")).await {
-            Ended::Proven { proof, status } => {
-                tracing::info!(%number, proof_bytes = proof.len(), "proven: ready for the node's poll");
-                ProofResult::proven(watch::summary(&batch, None, proof.len(), &status), &proof)
-            }
-            Ended::Failed { reason, .. } => {
-                tracing::error!(%number, "failed: {reason}");
-                let version = batch.protocol_version.to_string();
-                ProofResult::without_proof(number.0, version, ProofStatus::Failed, Some(reason))
-            }
-            Ended::Interrupted => return,
-        };
-        watch::count(match result.status {
-            ProofStatus::Proven => "proven",
-            _ => "failed",
-        });
-        self.results.lock().expect("never poisoned").insert(number.0, result);
+        if let Some(result) = l2_api::follow(&self.gw, &batch).await {
+            self.results.lock().expect("never poisoned").insert(batch.number.0, result);
+        }
     }
 
     /// The shared path's submit, bounded by [`SUBMIT_TIMEOUT`]. `Ok(created)`.
