@@ -177,6 +177,15 @@ for d in kinds(stored, "Deployment"):
     c = container(d)
     check(f"--artifacts={s3_url}" in c["args"] and {"secretRef": {"name": "gcs-hmac"}} in c.get("envFrom", []),
           "artifacts.url", f"{d['metadata']['name']}: --artifacts URL and credentials passed")
+client = render({"gateway": {"mode": "client", "l2NodeUrl": "http://l2-node.l2:3320"}}, "gateway client mode")
+gw_args = container(kinds(client, "Deployment", "gateway")[0])["args"]
+check("--mode=client" in gw_args and "--l2-node-url=http://l2-node.l2:3320" in gw_args and not any(a.startswith("--inbox") for a in gw_args),
+      "gateway client mode", f"args {gw_args}")
+server = render({"gateway": {"mode": "server", "port": 4000}}, "gateway server mode")
+validate(server, "gateway server mode")
+gw_args = container(kinds(server, "Deployment", "gateway")[0])["args"]
+check("--mode=server" in gw_args and "--listen=0.0.0.0:4000" in gw_args, "gateway server mode", f"args {gw_args}")
+check([p["port"] for s in kinds(server, "Service", "gateway") for p in s["spec"]["ports"]] == [4000], "gateway server mode", "a Service on the API port")
 for d in kinds(rendered["defaults"], "Deployment"):
     check("--artifacts=file:///var/lib/proofmesh/data" in container(d)["args"], "defaults", f"{d['metadata']['name']}: the volume's URL")
 
@@ -187,6 +196,8 @@ pools[0]["role"] = "bogus"  # --set workerPools[0].role=bogus on the default poo
 refused({"workerPools": pools}, "workerPools[0].role=bogus", "workerPools/0/role")
 refused({"scheduler": {"geometry": "huge"}}, "geometry huge", "geometry")
 refused({"artifacts": {"url": "gs://bucket"}}, "artifacts.url gs://", "artifacts/url")
+refused({"gateway": {"mode": "client"}}, "gateway client mode without l2NodeUrl", "l2NodeUrl")
+refused({"gateway": {"mode": "push"}}, "gateway mode push", "gateway/mode")
 refused({"workerPools": [{"name": "p", "role": "wvg", "protocolVersions": ["latest"]}]}, "protocol version latest", "protocolVersions")
 refused({"scheduler": {"enabled": False}}, "scheduler disabled without address", "address")
 refused({"workerPools": [{"name": "p", "role": "wvg", "replicaz": 2}]}, "typo in a pool key", "replicaz")
