@@ -59,7 +59,7 @@ async fn simulate(geometry: Geometry, counts: &[(CircuitId, u32)], provers: usiz
     let policy = &settings.policy;
     for n in 1..=copies {
         let batch = BatchNumber(n);
-        db::submit_batch(&pool, batch, ProtocolVersion::CURRENT, &geometry, &keys::batch_input(batch), 0, &settings).await?;
+        db::submit_batch(&pool, batch, ProtocolVersion::CURRENT, &geometry, &keys::batch_input(batch), None, 0, &settings).await?;
     }
     let mut provers: Vec<Prover> = (0..provers).map(|_| Prover::default()).collect();
     let mut loads = 0u64;

@@ -101,6 +101,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             protocol_version: Some(batch.protocol_version.into()),
             input_key: keys::batch_input(batch.number),
             priority: 0,
+            content_sha256: vec![],
         })
         .await?;
     let mut watch = batches.watch_batch(v1::WatchBatchRequest { batch_number: batch.number.0 }).await?.into_inner();

@@ -82,7 +82,12 @@ impl Batches for Fake {
             )));
         }
         let mut calls = self.calls.lock().unwrap();
-        let created = !calls.submits.iter().any(|s| s.batch_number == request.batch_number);
+        // Like the scheduler: the contents' hash recorded first wins.
+        let first = calls.submits.iter().find(|s| s.batch_number == request.batch_number);
+        if let Some(first) = first.filter(|f| !f.content_sha256.is_empty() && f.content_sha256 != request.content_sha256) {
+            return Err(Status::already_exists(format!("batch {} was submitted before with other contents", first.batch_number)));
+        }
+        let created = first.is_none();
         calls.submits.push(request);
         Ok(Response::new(SubmitBatchResponse { created }))
     }

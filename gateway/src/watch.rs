@@ -13,6 +13,7 @@ use proofmesh_core::batch::{Batch, BatchFormatError};
 use proofmesh_core::{keys, ArtifactError, ArtifactStore, BatchNumber, ProtocolVersion};
 use proofmesh_proto::v1::batches_client::BatchesClient;
 use proofmesh_proto::v1::{BatchState, BatchStatus, GetProofRequest, SubmitBatchRequest, WatchBatchRequest};
+use sha2::Digest;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -106,6 +107,9 @@ pub(crate) async fn submit(gw: &Gateway, batch: &ParsedBatch) -> Result<bool, No
         protocol_version: Some(batch.protocol_version.into()),
         input_key,
         priority: 0,
+        // The scheduler keeps it: a later batch of this number with other bytes is refused even
+        // once the stored file is gone (the house keeper deleted it).
+        content_sha256: sha2::Sha256::digest(&batch.bytes).to_vec(),
     };
     let submitted = retrying(&gw.shutdown, number, "SubmitBatch", || {
         let mut client = gw.client.clone();
@@ -116,6 +120,7 @@ pub(crate) async fn submit(gw: &Gateway, batch: &ParsedBatch) -> Result<bool, No
     match submitted {
         Ok(response) => Ok(response.get_ref().created),
         Err(Stop::Shutdown) => Err(NotTaken::Shutdown),
+        Err(Stop::Refused { code: Code::AlreadyExists, reason }) => Err(NotTaken::Conflict(reason)),
         Err(Stop::Refused { code, reason }) => Err(NotTaken::Refused { code, reason }),
     }
 }
@@ -289,5 +294,19 @@ mod tests {
         let err = store_input(&store, BatchNumber(3), b"second".to_vec()).await.unwrap_err();
         assert!(matches!(&err, NotTaken::Conflict(r) if r.contains("batch 3 is already stored")), "{err:?}");
         assert_eq!(store.get(&key).await.unwrap(), b"first", "the stored batch is untouched");
+    }
+    #[tokio::test]
+    async fn other_contents_under_a_number_whose_file_is_gone_are_refused_by_the_scheduler() {
+        use crate::testing::{gateway, sample_batch, sample_batch_with};
+        let (_dir, gw, calls) = gateway(std::collections::HashMap::new()).await;
+        let first = ParsedBatch::parse(sample_batch(4)).unwrap();
+        assert!(submit(&gw, &first).await.unwrap());
+        // The house keeper deleted the stored file: only the scheduler's record of the contents
+        // is left to compare with.
+        gw.store.delete_prefix(&keys::batch_prefix(BatchNumber(4))).await.unwrap();
+        let other = ParsedBatch::parse(sample_batch_with(4, ProtocolVersion { minor: 1, patch: 0 }, [9, 9, 9, 9])).unwrap();
+        let err = submit(&gw, &other).await.unwrap_err();
+        assert!(matches!(&err, NotTaken::Conflict(r) if r.contains("other contents")), "{err:?}");
+        assert_eq!(calls.lock().unwrap().submits[0].content_sha256, sha2::Sha256::digest(sample_batch(4)).to_vec());
     }
 }

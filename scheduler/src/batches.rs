@@ -31,6 +31,7 @@ impl BatchService {
 pub fn internal(e: DbError) -> Status {
     match e {
         DbError::Refused(reason) => Status::failed_precondition(reason),
+        DbError::Conflict(reason) => Status::already_exists(reason),
         e => Status::internal(e.to_string()),
     }
 }
@@ -104,12 +105,18 @@ impl v1::batches_server::Batches for BatchService {
         if r.input_key != expected {
             return Err(Status::invalid_argument(format!("input_key must be `{expected}` for batch {batch}")));
         }
+        let content = match r.content_sha256.len() {
+            0 => None,
+            32 => Some(r.content_sha256.as_slice()),
+            n => return Err(Status::invalid_argument(format!("content_sha256 must be 32 bytes (or empty), not {n}"))),
+        };
         let created = db::submit_batch(
             &self.shared.pool,
             batch,
             version,
             &self.shared.settings.geometry,
             &r.input_key,
+            content,
             r.priority,
             &self.shared.settings,
         )

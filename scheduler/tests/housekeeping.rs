@@ -78,3 +78,45 @@ async fn artifacts_of_batches_finished_past_the_retention_are_deleted_and_never_
     assert_eq!(gone.code(), tonic::Code::NotFound);
     assert!(gone.message().contains("retention"), "{gone:?}");
 }
+
+/// Submits batch `n` (0.1.0) with the SHA-256 `content` of its file; the gRPC status if refused.
+async fn submit_with(url: &str, n: u32, content: Vec<u8>) -> Result<bool, tonic::Status> {
+    let mut batches = v1::batches_client::BatchesClient::connect(url.to_string()).await.unwrap();
+    let r = v1::SubmitBatchRequest {
+        batch_number: n,
+        protocol_version: Some(v1::ProtocolVersion { minor: 1, patch: 0 }),
+        input_key: keys::batch_input(BatchNumber(n)),
+        priority: 0,
+        content_sha256: content,
+    };
+    batches.submit_batch(r).await.map(|r| r.into_inner().created)
+}
+
+#[tokio::test]
+async fn a_batch_number_submitted_again_with_other_contents_is_refused_even_after_its_files_are_gone() {
+    let housekeeping = Housekeeping { retention_secs: 60.0, interval_secs: 0.1 };
+    let s = start_scheduler_with(Settings { housekeeping: Some(housekeeping), ..settings() }).await;
+    let (first, other) = (vec![0xaa; 32], vec![0xbb; 32]);
+    assert!(submit_with(&s.url, 1, first.clone()).await.unwrap());
+    assert!(!submit_with(&s.url, 1, first.clone()).await.unwrap(), "the same contents again: no new work");
+    let refused = submit_with(&s.url, 1, other.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+    assert!(refused.message().contains("other contents") && refused.message().contains(&"bb".repeat(32)), "{refused:?}");
+    let bad = submit_with(&s.url, 2, vec![1; 5]).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+
+    // Proven long ago: the house keeper deletes its files; the scheduler still knows its contents.
+    s.shared.artifacts.put(&keys::batch_input(BatchNumber(1)), vec![1; 10]).await.unwrap();
+    sqlx::query("UPDATE batches SET status = 'proven', finished_at = now() - interval '2 hours' WHERE batch_number = 1")
+        .execute(&s.shared.pool)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while s.shared.artifacts.get(&keys::batch_input(BatchNumber(1))).await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "batch 1's artifacts were not deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = submit_with(&s.url, 1, other).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+    assert!(!submit_with(&s.url, 1, first).await.unwrap());
+}

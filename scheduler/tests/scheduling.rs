@@ -121,6 +121,7 @@ async fn submit_as(url: &str, n: u32, v: v1::ProtocolVersion, priority: i32) -> 
         protocol_version: Some(v),
         input_key: proofmesh_core::keys::batch_input(proofmesh_core::BatchNumber(n)),
         priority,
+        content_sha256: vec![],
     };
     batches.submit_batch(r).await.map(|r| r.into_inner().created)
 }

@@ -29,6 +29,10 @@ pub enum DbError {
     /// A request the job state refuses (an unknown or retired protocol version ...): the reason.
     #[error("{0}")]
     Refused(String),
+    /// What a request would create exists with other contents (a batch number submitted again
+    /// with another file): the reason.
+    #[error("{0}")]
+    Conflict(String),
     /// Stored data that the scheduler cannot interpret.
     #[error("job state: {0}")]
     Invalid(String),
@@ -228,6 +232,30 @@ pub fn geometry_from_row(v: &[i32]) -> Result<Geometry, DbError> {
     })
 }
 
+/// Refuses ([`DbError::Conflict`]) a resubmission of `batch` whose contents' hash differs from
+/// the one recorded when it was created; a batch recorded without one, or a request without
+/// one, is not checked.
+async fn check_contents(tx: &mut sqlx::PgConnection, batch: BatchNumber, content: Option<&[u8]>) -> Result<(), DbError> {
+    let Some(content) = content else { return Ok(()) };
+    let recorded: Option<Vec<u8>> = sqlx::query_scalar("SELECT content_sha256 FROM batches WHERE batch_number = $1")
+        .bind(i64::from(batch.0))
+        .fetch_optional(&mut *tx)
+        .await?
+        .flatten();
+    match recorded {
+        Some(recorded) if recorded != content => Err(DbError::Conflict(format!(
+            "batch {batch} was submitted before with other contents (SHA-256 {} there, {} now): batch numbers must be unique",
+            hex(&recorded),
+            hex(content)
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Inserts a batch and its round-0 witness-generation job (queued). Idempotent: returns `false`
 /// and changes nothing if the batch exists. Errors: [`DbError::Refused`] when `version` is not an
 /// active version of the `protocol_versions` table (unknown, or retired).
@@ -237,6 +265,7 @@ pub async fn submit_batch(
     version: ProtocolVersion,
     geometry: &Geometry,
     input_key: &str,
+    content_sha256: Option<&[u8]>,
     priority: i32,
     settings: &Settings,
 ) -> Result<bool, DbError> {
@@ -252,6 +281,7 @@ pub async fn submit_batch(
             .fetch_one(&mut *tx)
             .await?;
         if exists {
+            check_contents(&mut tx, batch, content_sha256).await?;
             return Ok(false);
         }
         return Err(DbError::Refused(match status {
@@ -262,8 +292,8 @@ pub async fn submit_batch(
         }));
     }
     let created = sqlx::query(
-        "INSERT INTO batches (batch_number, protocol_minor, protocol_patch, geometry, status, input_key, priority)
-         VALUES ($1, $2, $3, $4, 'proving', $5, $6) ON CONFLICT (batch_number) DO NOTHING",
+        "INSERT INTO batches (batch_number, protocol_minor, protocol_patch, geometry, status, input_key, priority, content_sha256)
+         VALUES ($1, $2, $3, $4, 'proving', $5, $6, $7) ON CONFLICT (batch_number) DO NOTHING",
     )
     .bind(i64::from(batch.0))
     .bind(i32::from(version.minor))
@@ -271,6 +301,7 @@ pub async fn submit_batch(
     .bind(geometry_to_row(geometry))
     .bind(input_key)
     .bind(priority)
+    .bind(content_sha256)
     .execute(&mut *tx)
     .await?
     .rows_affected()
@@ -291,6 +322,8 @@ pub async fn submit_batch(
         .bind(settings.policy.ageing_secs)
         .execute(&mut *tx)
         .await?;
+    } else {
+        check_contents(&mut tx, batch, content_sha256).await?;
     }
     tx.commit().await?;
     Ok(created)

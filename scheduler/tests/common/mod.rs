@@ -193,6 +193,7 @@ pub async fn submit(url: &str, n: u32) -> bool {
         protocol_version: Some(v1::ProtocolVersion { minor: 1, patch: 0 }),
         input_key: proofmesh_core::keys::batch_input(proofmesh_core::BatchNumber(n)),
         priority: 0,
+        content_sha256: vec![],
     };
     batches.submit_batch(r).await.unwrap().into_inner().created
 }
