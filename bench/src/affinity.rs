@@ -59,7 +59,7 @@ async fn simulate(geometry: Geometry, counts: &[(CircuitId, u32)], provers: usiz
     let policy = &settings.policy;
     for n in 1..=copies {
         let batch = BatchNumber(n);
-        db::submit_batch(&pool, batch, ProtocolVersion::CURRENT, &geometry, &keys::batch_input(batch), None, 0, &settings).await?;
+        db::submit_batch(&pool, &new_batch(batch, &keys::batch_input(batch), 0), &geometry, &settings).await?;
     }
     let mut provers: Vec<Prover> = (0..provers).map(|_| Prover::default()).collect();
     let mut loads = 0u64;
@@ -114,4 +114,10 @@ async fn simulate(geometry: Geometry, counts: &[(CircuitId, u32)], provers: usiz
         idle_rounds = if progressed { 0 } else { idle_rounds + 1 };
         anyhow::ensure!(idle_rounds < 3, "the simulation stalled with {proven} of {copies} batches proven");
     }
+}
+
+/// Batch `number` at the current protocol version, with no content hash, as the benchmarks
+/// submit it straight into the database.
+pub fn new_batch(number: BatchNumber, input_key: &str, priority: i32) -> db::NewBatch<'_> {
+    db::NewBatch { number, version: ProtocolVersion::CURRENT, input_key, content_sha256: None, priority }
 }

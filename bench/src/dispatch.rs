@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proofmesh_core::{keys, BatchNumber, Geometry, LocalStore, ProtocolVersion};
+use proofmesh_core::{keys, BatchNumber, Geometry, LocalStore};
 use proofmesh_proto::v1::Role;
 use proofmesh_scheduler::graph::JobKind;
 use proofmesh_scheduler::{db, Policy, MaxAttempts, Settings, Shared, ZonePolicy};
@@ -36,7 +36,7 @@ async fn throughput(pool: &sqlx::PgPool, settings: &Settings, jobs: usize) -> an
     let base = 1_000_000u32;
     for i in 0..(2 * jobs) as u32 {
         let batch = BatchNumber(base + i);
-        db::submit_batch(pool, batch, ProtocolVersion::CURRENT, &Geometry::small(), &keys::batch_input(batch), None, (i % 3) as i32, settings).await?;
+        db::submit_batch(pool, &crate::affinity::new_batch(batch, &keys::batch_input(batch), (i % 3) as i32), &Geometry::small(), settings).await?;
     }
     // Half of them become compression jobs (another queue in the same table).
     sqlx::query("UPDATE jobs SET kind = 'compression' WHERE batch_number >= $1 AND batch_number % 2 = 1")
@@ -115,7 +115,7 @@ pub async fn run(jobs: usize) -> anyhow::Result<()> {
     let mut samples = Vec::with_capacity(jobs);
     for i in 0..(warmup + jobs) {
         let batch = BatchNumber(i as u32 + 1);
-        db::submit_batch(&pool, batch, ProtocolVersion::CURRENT, &Geometry::small(), &keys::batch_input(batch), None, 0, &shared.settings).await?;
+        db::submit_batch(&pool, &crate::affinity::new_batch(batch, &keys::batch_input(batch), 0), &Geometry::small(), &shared.settings).await?;
         let ready = Instant::now();
         shared.wake_dispatcher();
         let lease = tokio::time::timeout(Duration::from_secs(5), leases.recv())

@@ -110,18 +110,10 @@ impl v1::batches_server::Batches for BatchService {
             32 => Some(r.content_sha256.as_slice()),
             n => return Err(Status::invalid_argument(format!("content_sha256 must be 32 bytes (or empty), not {n}"))),
         };
-        let created = db::submit_batch(
-            &self.shared.pool,
-            batch,
-            version,
-            &self.shared.settings.geometry,
-            &r.input_key,
-            content,
-            r.priority,
-            &self.shared.settings,
-        )
-        .await
-        .map_err(internal)?;
+        let new = db::NewBatch { number: batch, version, input_key: &r.input_key, content_sha256: content, priority: r.priority };
+        let created = db::submit_batch(&self.shared.pool, &new, &self.shared.settings.geometry, &self.shared.settings)
+            .await
+            .map_err(internal)?;
         if created {
             tracing::info!(%batch, %version, "batch submitted");
             self.shared.batch_changed(batch.0.into());

@@ -256,19 +256,28 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Inserts a batch and its round-0 witness-generation job (queued). Idempotent: returns `false`
-/// and changes nothing if the batch exists. Errors: [`DbError::Refused`] when `version` is not an
-/// active version of the `protocol_versions` table (unknown, or retired).
-pub async fn submit_batch(
-    pool: &PgPool,
-    batch: BatchNumber,
-    version: ProtocolVersion,
-    geometry: &Geometry,
-    input_key: &str,
-    content_sha256: Option<&[u8]>,
-    priority: i32,
-    settings: &Settings,
-) -> Result<bool, DbError> {
+/// A batch as `Batches.SubmitBatch` asks for it.
+#[derive(Debug, Clone, Copy)]
+pub struct NewBatch<'a> {
+    /// Its number.
+    pub number: BatchNumber,
+    /// The protocol version it is proven under.
+    pub version: ProtocolVersion,
+    /// Artifact key of its file ([`proofmesh_core::keys::batch_input`]).
+    pub input_key: &'a str,
+    /// SHA-256 of its file (32 bytes), recorded when created; `None`: not recorded or checked.
+    pub content_sha256: Option<&'a [u8]>,
+    /// Its priority (higher first).
+    pub priority: i32,
+}
+
+/// Inserts a batch and its round-0 witness-generation job (queued), proven at `geometry`.
+/// Idempotent: returns `false` and changes nothing if the batch exists. Errors:
+/// [`DbError::Refused`] when its version is not an active version of the `protocol_versions`
+/// table (unknown, or retired); [`DbError::Conflict`] when it exists with another recorded
+/// content hash.
+pub async fn submit_batch(pool: &PgPool, new: &NewBatch<'_>, geometry: &Geometry, settings: &Settings) -> Result<bool, DbError> {
+    let NewBatch { number: batch, version, input_key, content_sha256, priority } = *new;
     let mut tx = pool.begin().await?;
     let status: Option<String> = sqlx::query_scalar("SELECT status FROM protocol_versions WHERE minor = $1 AND patch = $2")
         .bind(i32::from(version.minor))
