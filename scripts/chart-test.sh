@@ -75,6 +75,11 @@ def validate(docs, case):
             check_scaled_object(d, case, deployments)
         elif key == ("monitoring.coreos.com/v1", "ServiceMonitor"):
             check_service_monitor(d, case, services)
+        elif key == ("cert-manager.io/v1", "Certificate"):
+            s = d.get("spec", {})
+            check(bool(s.get("secretName")) and bool(s.get("commonName")) and bool(s.get("issuerRef", {}).get("name"))
+                  and {"server auth", "client auth"} <= set(s.get("usages", [])),
+                  case, f"{name}: a Certificate needs secretName, commonName, issuerRef.name and server+client auth")
         else:
             try:
                 kv.validate(d, KUBE, strict=True)
@@ -188,6 +193,31 @@ check("--mode=server" in gw_args and "--listen=0.0.0.0:4000" in gw_args, "gatewa
 check([p["port"] for s in kinds(server, "Service", "gateway") for p in s["spec"]["ports"]] == [4000], "gateway server mode", "a Service on the API port")
 for d in kinds(rendered["defaults"], "Deployment"):
     check("--artifacts=file:///var/lib/proofmesh/data" in container(d)["args"], "defaults", f"{d['metadata']['name']}: the volume's URL")
+    check(not any(e["name"].startswith("PROOFMESH_TLS") for e in container(d).get("env", [])), "defaults", "TLS is off by default")
+tls_values = {"tls": {"enabled": True, "certManager": {"issuerRef": {"name": "proofmesh-ca", "kind": "ClusterIssuer"}},
+                      "adminSubjects": ["OU=proofmesh-admins"], "operatorSubjects": ["CN=grafana", "OU=sre"]}}
+tls = render({**copy.deepcopy(EXAMPLES["central"]), **tls_values}, "tls")
+validate(tls, "tls")
+certs = {c["spec"]["secretName"]: c for c in kinds(tls, "Certificate")}
+for d in kinds(tls, "Deployment"):
+    c, name = container(d), d["metadata"]["name"]
+    secret = next((v["secret"]["secretName"] for v in d["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"), None)
+    check(secret in certs and certs[secret]["spec"]["issuerRef"]["kind"] == "ClusterIssuer", "tls", f"{name}: mounts the Secret of its own Certificate ({secret})")
+    check({"name": "tls", "mountPath": "/etc/proofmesh/tls", "readOnly": True} in c["volumeMounts"]
+          and env(c, "PROOFMESH_TLS_CERT") == "/etc/proofmesh/tls/tls.crt" and env(c, "PROOFMESH_TLS_CA") == "/etc/proofmesh/tls/ca.crt",
+          "tls", f"{name}: TLS files mounted (no subPath: rotations appear) and passed")
+    check("grpc" not in c.get("readinessProbe", {}) and "grpc" not in c.get("livenessProbe", {}), "tls", f"{name}: no plaintext gRPC probe under TLS")
+provers = [d for d in kinds(tls, "Deployment", "worker") if "--role=prover" in container(d)["args"]]
+wvgs = [d for d in kinds(tls, "Deployment", "worker") if "--role=wvg" in container(d)["args"]]
+prover_names = {n for s, c in certs.items() for n in c["spec"].get("dnsNames", []) if n.endswith(".provers")}
+check(provers and all("--advertise=https://$(POD_IP):50061" in container(d)["args"] for d in provers), "tls", "provers advertise https")
+check(len(prover_names) == 1 and wvgs and all(f"--prover-tls-name={next(iter(prover_names))}" in container(d)["args"] for d in wvgs),
+      "tls", f"WVGs check provers against the provers' certificate name {prover_names}")
+sched_args = container(kinds(tls, "Deployment", "scheduler")[0])["args"]
+check("--admin-subject=OU=proofmesh-admins" in sched_args and "--operator-subject=CN=grafana" in sched_args and "--operator-subject=OU=sre" in sched_args,
+      "tls", "admin and operator subjects passed to the scheduler")
+sched_cert = certs["proofmesh-scheduler-tls"]["spec"]
+check("proofmesh-scheduler" in sched_cert["dnsNames"] and sched_cert["commonName"] == "scheduler", "tls", "the scheduler's certificate names its Service")
 
 # Bad values are refused (values.schema.json, or the chart's own checks).
 with helm.Chart.load(CHART) as chart:
@@ -195,6 +225,7 @@ with helm.Chart.load(CHART) as chart:
 pools[0]["role"] = "bogus"  # --set workerPools[0].role=bogus on the default pools
 refused({"workerPools": pools}, "workerPools[0].role=bogus", "workerPools/0/role")
 refused({"scheduler": {"geometry": "huge"}}, "geometry huge", "geometry")
+refused({"tls": {"adminSubjects": ["alice"]}}, "admin subject without KEY=", "adminSubjects")
 refused({"artifacts": {"url": "gs://bucket"}}, "artifacts.url gs://", "artifacts/url")
 refused({"gateway": {"mode": "client"}}, "gateway client mode without l2NodeUrl", "l2NodeUrl")
 refused({"gateway": {"mode": "push"}}, "gateway mode push", "gateway/mode")

@@ -78,6 +78,8 @@ pub fn settings(geometry: Geometry) -> Settings {
         policy: Policy::default(),
         housekeeping: None,
         grpc: Default::default(),
+        tls: Default::default(),
+        access: Default::default(),
     }
 }
 
@@ -103,6 +105,7 @@ pub async fn run(jobs: usize) -> anyhow::Result<()> {
         protocol_versions: vec![],
         prover_group: None,
         memory_budget_mib: 0,
+        tls: Default::default(),
     };
     let (client, mut leases) = LeaseClient::start(reg, cancel.clone());
     while client.worker_id().is_empty() {

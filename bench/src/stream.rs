@@ -40,7 +40,7 @@ pub async fn run(mib: usize, reps: usize) -> anyhow::Result<()> {
             .add_service(v1::prover_server::ProverServer::new(Sink).max_decoding_message_size(8 << 20))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let channel = prover_channel(&format!("http://{addr}"))?;
+    let channel = prover_channel(&format!("http://{addr}"), &Default::default(), None)?;
     let mut grpc_best = 0f64;
     for _ in 0..reps {
         let header = v1::WitnessVectorHeader { lease_id: "bench".into(), ..Default::default() };

@@ -30,7 +30,8 @@ use crate::{C, D, F};
 
 const MAGIC: [u8; 4] = *b"PMFP";
 const VERSION: u16 = 1;
-const HEADER_LEN: usize = 4 + 2 + 4 + 1 + 6 + 3;
+/// Bytes before the compression proof in a final proof file (the table above, all but "rest").
+pub const HEADER_LEN: usize = 4 + 2 + 4 + 1 + 6 + 3;
 
 /// A final (compressed) proof with what is needed to check it.
 #[derive(Debug, Clone)]
@@ -105,8 +106,15 @@ impl FinalProof {
     }
 }
 
-/// The header of a proof file: its protocol version, geometry, and the offset of the proof.
-fn parse_header(bytes: &[u8]) -> Result<(ProtocolVersion, Geometry), VerifyError> {
+/// Parses a final proof file's header (the table above): the protocol version and geometry the
+/// proof was made under. The compression proof follows at byte [`HEADER_LEN`]; it parses only
+/// with that circuit's verifier data, which [`verify`] loads for this version and geometry after
+/// this check, so a malformed header is refused before any setup data is loaded or built.
+///
+/// Errors: [`VerifyError::Format`], naming the byte: fewer than [`HEADER_LEN`] bytes, another
+/// magic than `PMFP`, a format version other than 1, a geometry out of bounds
+/// ([`Geometry::validate`]).
+pub fn parse_header(bytes: &[u8]) -> Result<(ProtocolVersion, Geometry), VerifyError> {
     if bytes.len() < HEADER_LEN {
         return Err(VerifyError::Format(format!("truncated header: {} of {HEADER_LEN} bytes", bytes.len())));
     }

@@ -1,16 +1,22 @@
 //! Parsers under attack (property-based, proptest): the batch format (what the gateway accepts
-//! from the L2 node), witness vectors (header and body, as a prover receives them) and circuit
-//! inputs (as witness generation writes them and WVGs read them). Arbitrary bytes and mutations of
+//! from the L2 node), witness vectors (header and body, as a prover receives them), circuit
+//! inputs (as witness generation writes them and WVGs read them) and the final proof file's
+//! header (what `verify` reads before it loads any setup data). Arbitrary bytes and mutations of
 //! valid encodings (bytes overwritten, truncated, extended) never panic: every failure is the
 //! parser's typed error; valid values round-trip.
+//!
+//! The final proof's body (plonky2's compressed proof) parses only against the compression
+//! circuit's verifier data, minutes to build; `tests/proof_tree.rs` flips bytes of a real final
+//! proof against it.
 
 use proofmesh_circuits::basic::BasicCircuit;
+use proofmesh_circuits::final_proof::{parse_header, verify, VerifyError, HEADER_LEN};
 use proofmesh_circuits::job_input::EncodedInput;
 use proofmesh_circuits::setup::CircuitKey;
 use proofmesh_circuits::witness_vector::WitnessVector;
 use proofmesh_circuits::{Field, F};
 use proofmesh_core::batch::Batch;
-use proofmesh_core::{BatchNumber, CircuitId, ProtocolVersion};
+use proofmesh_core::{BatchNumber, CircuitId, Geometry, ProtocolVersion};
 use proptest::collection::vec;
 use proptest::prelude::*;
 
@@ -44,6 +50,80 @@ fn sample() -> Vec<u8> {
 
 fn goldilocks() -> impl Strategy<Value = u64> {
     0..0xffff_ffff_0000_0001u64
+}
+
+/// A final proof file's header as `final_proof.rs` documents it, written here byte by byte
+/// (not with the crate's encoder, so that the test checks the documented layout).
+fn final_proof_header(version: ProtocolVersion, g: &Geometry) -> Vec<u8> {
+    let mut out = b"PMFP".to_vec();
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&version.minor.to_le_bytes());
+    out.extend_from_slice(&version.patch.to_le_bytes());
+    out.push(g.state_tree_depth);
+    for c in [g.tx_chunk, g.vm_chunk, g.storage_chunk] {
+        out.extend_from_slice(&c.to_le_bytes());
+    }
+    out.extend_from_slice(&[g.leaf_fan_in, g.node_fan_in, g.max_node_depth]);
+    out
+}
+
+/// Geometries within `Geometry::validate`'s bounds.
+fn valid_geometry() -> impl Strategy<Value = Geometry> {
+    (4u8..=32, 1u16..=1024, 1u16..=256, 1u16..=256, 1u8..=8, 2u8..=8, 1u8..=6).prop_map(
+        |(state_tree_depth, tx_chunk, vm_chunk, storage_chunk, leaf_fan_in, node_fan_in, max_node_depth)| Geometry {
+            state_tree_depth,
+            tx_chunk,
+            vm_chunk,
+            storage_chunk,
+            leaf_fan_in,
+            node_fan_in,
+            max_node_depth,
+        },
+    )
+}
+
+fn protocol_version() -> impl Strategy<Value = ProtocolVersion> {
+    (any::<u16>(), any::<u16>()).prop_map(|(minor, patch)| ProtocolVersion { minor, patch })
+}
+
+/// Which check of the header `bytes` fails first, by the documented layout: the words each
+/// [`VerifyError::Format`] message of `parse_header` starts with; `None` for a valid header.
+fn expected_header_error(bytes: &[u8]) -> Option<&'static str> {
+    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
+    if bytes.len() < HEADER_LEN {
+        return Some("truncated header");
+    }
+    if &bytes[..4] != b"PMFP" {
+        return Some("magic at byte 0");
+    }
+    if u16_at(4) != 1 {
+        return Some("format version at byte 4");
+    }
+    let g = Geometry {
+        state_tree_depth: bytes[10],
+        tx_chunk: u16_at(11),
+        vm_chunk: u16_at(13),
+        storage_chunk: u16_at(15),
+        leaf_fan_in: bytes[17],
+        node_fan_in: bytes[18],
+        max_node_depth: bytes[19],
+    };
+    g.validate().err().map(|_| "geometry at byte 10")
+}
+
+/// `parse_header`'s result, checked against [`expected_header_error`]: an `Ok` is exactly the
+/// header's fields, an `Err` is `VerifyError::Format` for the first field that is wrong.
+fn check_header(bytes: &[u8]) -> Result<(), TestCaseError> {
+    match (parse_header(bytes), expected_header_error(bytes)) {
+        (Ok((version, geometry)), None) => {
+            prop_assert_eq!(&final_proof_header(version, &geometry)[..], &bytes[..HEADER_LEN]);
+        }
+        (Err(VerifyError::Format(reason)), Some(expected)) => {
+            prop_assert!(reason.starts_with(expected), "{:?} is not {:?}", reason, expected);
+        }
+        (got, expected) => prop_assert!(false, "parse_header gave {:?}, expected {:?}", got, expected),
+    }
+    Ok(())
 }
 
 proptest! {
@@ -124,6 +204,83 @@ proptest! {
         if let Err(e) = EncodedInput::from_bytes(&bytes) {
             prop_assert!(e.to_string().starts_with("circuit input"));
         }
+    }
+
+    #[test]
+    fn final_proof_headers_round_trip(
+        version in protocol_version(),
+        geometry in valid_geometry(),
+        body in vec(any::<u8>(), 0..64),
+    ) {
+        let mut bytes = final_proof_header(version, &geometry);
+        prop_assert_eq!(bytes.len(), HEADER_LEN);
+        bytes.extend_from_slice(&body);
+        let (v, g) = parse_header(&bytes).unwrap();
+        prop_assert_eq!(v, version);
+        prop_assert_eq!(g, geometry);
+    }
+
+    /// Arbitrary bytes, often behind the magic (and format version) so the later checks are
+    /// reached too.
+    #[test]
+    fn arbitrary_bytes_are_not_a_final_proof_header_and_never_a_panic(
+        prefix in prop_oneof![Just(&b""[..]), Just(&b"PMFP"[..]), Just(&b"PMFP\x01\x00"[..])],
+        rest in vec(any::<u8>(), 0..64),
+    ) {
+        check_header(&[prefix, &rest[..]].concat())?;
+    }
+
+    #[test]
+    fn a_mutated_final_proof_header_is_parsed_or_refused_never_a_panic(
+        version in protocol_version(),
+        geometry in valid_geometry(),
+        body in vec(any::<u8>(), 0..64),
+        flips in vec((0..HEADER_LEN, any::<u8>()), 0..4),
+        cut in proptest::option::of(any::<usize>()),
+        tail in vec(any::<u8>(), 0..8),
+    ) {
+        let mut bytes = final_proof_header(version, &geometry);
+        bytes.extend_from_slice(&body);
+        let keep = cut.unwrap_or(bytes.len());
+        check_header(&mutate(bytes, &flips, keep, &tail))?;
+    }
+
+    /// `verify` reads the header first: a malformed one is refused with `parse_header`'s error
+    /// whatever the batch; a well-formed one is then checked against the batch (here an empty
+    /// file, or the sample batch of another protocol version), still before any setup data is
+    /// loaded or built (the setup directory stays empty).
+    #[test]
+    fn verify_refuses_a_malformed_proof_file_before_loading_setup_data(
+        version in protocol_version(),
+        geometry in valid_geometry(),
+        body in vec(any::<u8>(), 0..64),
+        flips in vec((0..HEADER_LEN, any::<u8>()), 0..3),
+        cut in proptest::option::of(any::<usize>()),
+        with_sample in any::<bool>(),
+    ) {
+        let sample = sample();
+        let batch = if with_sample { &sample[..] } else { &[][..] };
+        let mut bytes = final_proof_header(version, &geometry);
+        bytes.extend_from_slice(&body);
+        let keep = cut.unwrap_or(bytes.len());
+        let bytes = mutate(bytes, &flips, keep, &[]);
+        // Never a proof file of the sample's own version (0.1.0) with the sample: that goes on to
+        // replay the batch and build setup data (minutes).
+        if with_sample {
+            prop_assume!(parse_header(&bytes).map_or(true, |(v, _)| v != ProtocolVersion::CURRENT));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let got = verify(&bytes, batch, dir.path());
+        match (parse_header(&bytes), got) {
+            (Err(VerifyError::Format(header)), Err(VerifyError::Format(verified))) => prop_assert_eq!(header, verified),
+            (Ok(_), Err(VerifyError::Batch(_))) if !with_sample => {}
+            (Ok((v, _)), Err(VerifyError::Format(reason))) if with_sample => {
+                prop_assert!(v != ProtocolVersion::CURRENT);
+                prop_assert!(reason.starts_with("proof is for protocol version"), "{}", reason);
+            }
+            (header, got) => prop_assert!(false, "header {:?}, verify {:?}", header, got),
+        }
+        prop_assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }
 

@@ -63,6 +63,9 @@ enum Command {
         /// On SIGTERM, how long a running compression may finish before it is handed back, seconds.
         #[arg(long, env = "PROOFMESH_DRAIN_GRACE_SECS", default_value_t = 60.0)]
         drain_grace_secs: f64,
+        /// Mutual TLS to the scheduler.
+        #[command(flatten)]
+        tls: proofmesh_proto::TlsArgs,
     },
     /// Verifies a final proof against a batch file.
     Verify {
@@ -99,7 +102,7 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Run { scheduler, artifacts, zone, region, name, capacity, drain_grace_secs, metrics_listen } => {
+        Command::Run { scheduler, artifacts, zone, region, name, capacity, drain_grace_secs, metrics_listen, tls } => {
             anyhow::ensure!(capacity >= 1, "--capacity must be at least 1");
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
@@ -122,6 +125,7 @@ fn main() -> anyhow::Result<()> {
                     protocol_versions: vec![],
                     prover_group: None,
                     memory_budget_mib: 0,
+                    tls,
                 };
                 let store = proofmesh_artifacts::open(&artifacts).await.context("opening the artifact store")?;
                 let mut setups = Setups::new(&cli.setup_dir);

@@ -232,7 +232,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (url, calls) = serve(scripts).await;
         let shutdown = CancellationToken::new();
-        let client = crate::scheduler::connect(&url, &shutdown).await.unwrap().unwrap();
+        let client = crate::scheduler::connect(&url, &Default::default(), &shutdown).await.unwrap().unwrap();
         let dirs = Dirs::create(&dir.path().join("inbox"), &dir.path().join("outbox")).unwrap();
         let gw = Gateway {
             client,

@@ -110,6 +110,9 @@ struct Settings {
     /// Serve Prometheus metrics on this address (`http://ADDR/metrics`); off when unset.
     #[arg(long, env = "PROOFMESH_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Mutual TLS to the scheduler.
+    #[command(flatten)]
+    tls: proofmesh_proto::TlsArgs,
 }
 
 impl Settings {
@@ -162,7 +165,7 @@ async fn run(settings: Settings, progress: Progress) -> anyhow::Result<ExitCode>
         _ => None,
     };
     let store = proofmesh_artifacts::open(&settings.artifacts).await.context("opening the artifact store")?;
-    let Some(client) = scheduler::connect(&settings.scheduler, &shutdown).await? else {
+    let Some(client) = scheduler::connect(&settings.scheduler, &settings.tls, &shutdown).await? else {
         // Stopped while waiting: a failure only for `--once`, which did not do its job.
         return Ok(if settings.once { ExitCode::FAILURE } else { ExitCode::SUCCESS });
     };

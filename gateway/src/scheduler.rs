@@ -9,7 +9,7 @@ use anyhow::Context;
 use proofmesh_core::BatchNumber;
 use proofmesh_proto::v1::batches_client::BatchesClient;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use proofmesh_core::backoff::Backoff;
@@ -20,16 +20,22 @@ pub(crate) fn backoff() -> Backoff {
     Backoff::new(Duration::from_millis(250), Duration::from_secs(10))
 }
 
-/// Connects to the scheduler's `Batches` service at `url`, retrying with backoff and logging
-/// each wait. `Ok(None)` if `shutdown` was cancelled first. Errors: `url` is not a valid URI.
+/// Connects to the scheduler's `Batches` service at `url` (over mutual TLS if `tls` says so),
+/// retrying with backoff and logging each wait. `Ok(None)` if `shutdown` was cancelled first.
+/// Errors: `url` is not a valid URI, the TLS files do not load.
 ///
 /// Once connected, the channel reconnects by itself; calls made while the scheduler is away fail
 /// with `UNAVAILABLE` (see [`retrying`]). HTTP/2 keep-alives notice a scheduler host that
 /// vanished without closing the connection, which would otherwise leave a `WatchBatch` stream
 /// waiting for ever.
-pub(crate) async fn connect(url: &str, shutdown: &CancellationToken) -> anyhow::Result<Option<BatchesClient<Channel>>> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("invalid scheduler URL `{url}`"))?
+pub(crate) async fn connect(
+    url: &str,
+    tls: &proofmesh_proto::TlsArgs,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<BatchesClient<Channel>>> {
+    let endpoint = tls
+        .endpoint(url)
+        .with_context(|| format!("scheduler URL `{url}`"))?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10))

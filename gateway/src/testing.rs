@@ -160,7 +160,7 @@ pub(crate) async fn gateway(
     let dir = tempfile::tempdir().unwrap();
     let (url, calls) = serve(scripts).await;
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let client = crate::scheduler::connect(&url, &shutdown).await.unwrap().unwrap();
+    let client = crate::scheduler::connect(&url, &Default::default(), &shutdown).await.unwrap().unwrap();
     let gw = crate::watch::Gateway {
         client,
         store: Arc::new(proofmesh_core::LocalStore::new(dir.path().join("data"))),

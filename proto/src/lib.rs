@@ -12,6 +12,8 @@ pub mod v1 {
 mod convert;
 pub mod limits;
 mod serve;
+pub mod tls;
 
 pub use limits::GrpcLimits;
+pub use tls::{peer_identity, PeerIdentity, SubjectPattern, TlsArgs};
 pub use serve::{reflection_and_health, HealthReporter, ServingStatus, DESCRIPTOR_SET};

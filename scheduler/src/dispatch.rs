@@ -63,11 +63,14 @@ struct Ask {
     warm_own: Vec<i32>,
     budget_mib: i64,
     prover: Option<MatchedProver>,
+    /// The worker's certificate subject (TLS on).
+    identity: Option<String>,
 }
 
 /// The prover matched with a WVG lease.
 struct MatchedProver {
     id: String,
+    identity: Option<String>,
     endpoint: String,
     budget_mib: i64,
     slot_leases: Vec<uuid::Uuid>,
@@ -89,6 +92,7 @@ fn ask_for(shared: &Shared, worker: &str) -> Option<Ask> {
         warm_own: vec![],
         budget_mib: budget(conn.memory_budget_mib),
         prover: None,
+        identity: conn.identity.clone(),
     };
     if conn.role == Role::Wvg {
         // pick_prover only picks a prover that shares a version and a pair with the WVG.
@@ -109,6 +113,7 @@ fn ask_for(shared: &Shared, worker: &str) -> Option<Ask> {
         }
         ask.prover = Some(MatchedProver {
             id: p.id.clone(),
+            identity: p.identity.clone(),
             endpoint: p.prover_endpoint.clone(),
             budget_mib: budget(p.memory_budget_mib),
             slot_leases: reg.slot_leases(&p.id),
@@ -134,6 +139,8 @@ async fn dispatch_one(shared: &Shared, worker: &str) -> Result<bool, db::DbError
         prover_budget_mib: ask.prover.as_ref().map_or(0, |p| p.budget_mib),
         prover_leases: ask.prover.as_ref().map_or(&[], |p| &p.slot_leases),
         reserve_after_secs: policy.reserve_after_secs,
+        identity: ask.identity.as_deref(),
+        prover_identity: ask.prover.as_ref().and_then(|p| p.identity.as_deref()),
     };
     let Some(job) = db::lease(&shared.pool, &request).await? else {
         return Ok(false);
@@ -151,6 +158,13 @@ async fn dispatch_one(shared: &Shared, worker: &str) -> Result<bool, db::DbError
             lease.prover_endpoint = p.endpoint.clone();
             lease.prover_worker_id = p.id.clone();
             reg.hold_slot(&p.id, job.lease_id);
+            if let (Some(wvg), Some(conn)) = (&ask.identity, reg.get(&p.id)) {
+                // TLS on: the prover accepts this witness vector from the WVG's identity only.
+                // Sent before the lease, on the prover's own stream; if it is lost the push is
+                // refused and the WVG reports a retryable failure.
+                let expect = v1::ExpectWitnessVector { lease_id: job.lease_id.to_string(), wvg_identity: wvg.clone() };
+                let _ = conn.outbox.try_send(Ok(v1::SchedulerMessage { msg: Some(scheduler_message::Msg::ExpectWitnessVector(expect)) }));
+            }
         }
         match reg.get_mut(worker) {
             Some(conn) if conn.credits > 0 => {

@@ -10,8 +10,9 @@
 //! - [`expiry`]: the timer that ends leases past their deadline.
 //! - [`readiness`]: `grpc.health.v1` statuses from PostgreSQL's reachability.
 //! - [`telemetry`]: the scheduler's Prometheus metrics (queue depth from the database).
-//! - [`work`], [`batches`], [`admin`]: the gRPC services.
+//! - [`work`], [`batches`], [`admin`]: the gRPC services; [`access`]: who may call what.
 
+pub mod access;
 pub mod admin;
 pub mod batches;
 pub mod db;
@@ -55,12 +56,15 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateEr
 /// Serves `Scheduler`, `Batches`, `Admin`, reflection and health on `listener` and runs the
 /// dispatcher and the lease-expiry timer, until `cancel`. On `cancel` it stops leasing, ends every
 /// worker stream (workers reconnect to the next scheduler and re-attach their leases) and leaves
-/// the job state as it is in PostgreSQL. Errors: the transport failed.
+/// the job state as it is in PostgreSQL. With `settings.tls`, only clients with a certificate
+/// the CA signed get through (mutual TLS, files reloaded when they change). Errors: the TLS
+/// files do not load (checked before anything starts), the transport failed.
 pub async fn serve(
     shared: Arc<Shared>,
     listener: tokio::net::TcpListener,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    let tls = shared.settings.tls.server()?;
     let dispatcher = tokio::spawn(dispatch::run(shared.clone(), cancel.clone()));
     let expiry = tokio::spawn(expiry::run(shared.clone(), cancel.clone()));
     let limits = &shared.settings.grpc;
@@ -81,7 +85,7 @@ pub async fn serve(
         let interval = std::time::Duration::from_secs_f64(h.interval_secs.max(0.01));
         tokio::spawn(housekeeper::run(shared.clone(), h.retention_secs, interval, cancel.clone()))
     });
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = proofmesh_proto::tls::incoming(listener, tls);
     router.serve_with_incoming_shutdown(incoming, cancel.cancelled_owned()).await?;
     dispatcher.await?;
     expiry.await?;

@@ -101,6 +101,16 @@ struct Args {
     database_connections: u32,
     #[command(flatten)]
     grpc: proofmesh_proto::GrpcLimits,
+    #[command(flatten)]
+    tls: proofmesh_proto::TlsArgs,
+    /// With TLS: certificate subjects that may call every `Admin` method, changes included
+    /// (`KEY=VALUE[,KEY=VALUE]`, e.g. `CN=alice` or `OU=proofmesh-admins`; repeat the flag or
+    /// separate with `;`). Every change is in the audit log (`Admin.ListAuditLog`).
+    #[arg(long = "admin-subject", env = "PROOFMESH_ADMIN_SUBJECTS", value_delimiter = ';')]
+    admin_subjects: Vec<proofmesh_proto::SubjectPattern>,
+    /// With TLS: certificate subjects that may call `Admin`'s read methods.
+    #[arg(long = "operator-subject", env = "PROOFMESH_OPERATOR_SUBJECTS", value_delimiter = ';')]
+    operator_subjects: Vec<proofmesh_proto::SubjectPattern>,
 }
 
 #[tokio::main]
@@ -181,7 +191,17 @@ async fn main() -> anyhow::Result<()> {
             interval_secs: args.housekeeping_interval_secs.max(1.0),
         }),
         grpc: args.grpc.clone(),
+        tls: args.tls.clone(),
+        access: proofmesh_scheduler::access::AccessPolicy {
+            admins: args.admin_subjects.clone(),
+            operators: args.operator_subjects.clone(),
+        },
     };
+    if !args.tls.enabled() {
+        tracing::warn!("TLS is off (no --tls-cert/--tls-key/--tls-ca): every client that reaches {} is trusted, Admin included", args.listen);
+    } else if args.admin_subjects.is_empty() {
+        tracing::warn!("no --admin-subject: nobody may change anything through Admin");
+    }
     let shared = Shared::new(pool, settings, proofmesh_artifacts::open(&args.artifacts).await.context("opening the artifact store")?);
     let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     tracing::info!("scheduler listening on {}", listener.local_addr()?);

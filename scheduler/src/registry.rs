@@ -47,6 +47,8 @@ pub struct Conn {
     pub slots_used: u32,
     /// It sent `Drain`: no more leases, no more witness vectors.
     pub draining: bool,
+    /// Its certificate subject (TLS on): leases granted to it are bound to it.
+    pub identity: Option<String>,
     /// Its stream.
     pub outbox: Outbox,
 }
@@ -229,6 +231,7 @@ mod tests {
             credits: 1,
             slots_used: 0,
             draining: false,
+            identity: None,
             outbox,
         }
     }

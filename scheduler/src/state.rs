@@ -66,6 +66,10 @@ pub struct Settings {
     pub housekeeping: Option<Housekeeping>,
     /// Limits of the gRPC server (message size, concurrency, deadlines, keepalive).
     pub grpc: proofmesh_proto::GrpcLimits,
+    /// TLS (`--tls-*`): off by default.
+    pub tls: proofmesh_proto::TlsArgs,
+    /// Who may call `Admin` (`--admin-subject`, `--operator-subject`; checked with TLS on).
+    pub access: crate::access::AccessPolicy,
 }
 
 /// When the house keeper deletes the artifacts of finished batches.

@@ -59,6 +59,10 @@ impl v1::scheduler_server::Scheduler for WorkService {
     type WorkStream = SchedulerStream;
 
     async fn work(&self, request: Request<Streaming<v1::WorkerMessage>>) -> Result<Response<SchedulerStream>, Status> {
+        let identity = proofmesh_proto::peer_identity(&request).map(|i| i.subject().to_string());
+        if identity.is_none() && self.shared.settings.tls.enabled() {
+            return Err(Status::unauthenticated("no client certificate"));
+        }
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.and_then(|m| m.msg);
         let Some(worker_message::Msg::Register(reg)) = first else {
@@ -117,6 +121,7 @@ impl v1::scheduler_server::Scheduler for WorkService {
             &reg.host,
             reg.capacity,
             endpoint,
+            identity.as_deref(),
         )
         .await
         .map_err(internal)?;
@@ -143,21 +148,22 @@ impl v1::scheduler_server::Scheduler for WorkService {
             credits: 0,
             slots_used: 0,
             draining: false,
+            identity: identity.clone(),
             outbox: outbox.clone(),
         });
         let held = parse_leases(&reg.held_leases);
         if !held.is_empty() {
             // Re-attach: the leases still current become this stream's; a prover's hold its slots again.
-            let stale = renew(&self.shared, &id, &held).await.map_err(internal)?;
+            let stale = renew(&self.shared, &id, identity.as_deref(), &held).await.map_err(internal)?;
             tracing::info!(worker = %id, reattached = held.len() - stale.len(), revoked = stale.len(), "leases re-attached");
         }
-        tracing::info!(worker = %id, name, role = role_name(role), zone = reg.zone, host = reg.host, "registered");
+        tracing::info!(worker = %id, name, role = role_name(role), zone = reg.zone, host = reg.host, identity = identity.as_deref().unwrap_or(""), "registered");
         self.shared.wake_dispatcher();
 
         let (shared, shutdown) = (self.shared.clone(), self.shutdown.clone());
         tokio::spawn(async move {
             let end = tokio::select! {
-                end = serve_worker(&shared, &id, &mut inbound, &outbox) => end,
+                end = serve_worker(&shared, &id, identity.as_deref(), &mut inbound, &outbox) => end,
                 _ = shutdown.cancelled() => "scheduler shutting down".to_string(),
             };
             shared.registry().remove(&id);
@@ -179,8 +185,18 @@ impl v1::scheduler_server::Scheduler for WorkService {
 }
 
 /// Renews `leases` for connection `id` (a prover takes them over) and revokes there those that
-/// are not current. Returns those.
-async fn renew(shared: &Shared, id: &str, leases: &[Uuid]) -> Result<Vec<Uuid>, DbError> {
+/// are not current, or are bound to another identity than the connection's `identity`. Returns those.
+async fn renew(shared: &Shared, id: &str, identity: Option<&str>, leases: &[Uuid]) -> Result<Vec<Uuid>, DbError> {
+    let foreign = match identity {
+        Some(identity) if !leases.is_empty() => db::foreign_leases(&shared.pool, leases, identity).await?,
+        _ => vec![],
+    };
+    for lease in &foreign {
+        tracing::warn!(worker = id, %lease, identity, "heartbeat for a lease bound to another identity: refused");
+        shared.revoke(id, *lease, "this lease is bound to another worker's certificate identity");
+    }
+    let leases: Vec<Uuid> = leases.iter().copied().filter(|l| !foreign.contains(l)).collect();
+    let leases = &leases[..];
     let (take_over, connected) = {
         let registry = shared.registry();
         (registry.get(id).is_some_and(|c| c.role == Role::Prover), registry.ids())
@@ -198,7 +214,7 @@ async fn renew(shared: &Shared, id: &str, leases: &[Uuid]) -> Result<Vec<Uuid>, 
         tracing::warn!(worker = id, %lease, "heartbeat for a lease that is not current: revoked");
         shared.revoke(id, *lease, "lease not current: it expired and the job was leased again, or it finished");
     }
-    Ok(stale)
+    Ok(stale.into_iter().chain(foreign).collect())
 }
 
 fn parse_leases(ids: &[String]) -> Vec<Uuid> {
@@ -206,7 +222,13 @@ fn parse_leases(ids: &[String]) -> Vec<Uuid> {
 }
 
 /// Handles one worker's messages until its stream ends. Returns why it ended.
-async fn serve_worker(shared: &Shared, id: &str, inbound: &mut Streaming<v1::WorkerMessage>, outbox: &Outbox) -> String {
+async fn serve_worker(
+    shared: &Shared,
+    id: &str,
+    identity: Option<&str>,
+    inbound: &mut Streaming<v1::WorkerMessage>,
+    outbox: &Outbox,
+) -> String {
     loop {
         let msg = match inbound.message().await {
             Ok(Some(m)) => m.msg,
@@ -225,7 +247,7 @@ async fn serve_worker(shared: &Shared, id: &str, inbound: &mut Streaming<v1::Wor
                     conn.loaded_setups = crate::groups::pack_all(&h.loaded_setups);
                 }
                 // A missed renewal is made good by the next heartbeat, well before the deadline.
-                if let Err(e) = renew(shared, id, &parse_leases(&h.lease_ids)).await {
+                if let Err(e) = renew(shared, id, identity, &parse_leases(&h.lease_ids)).await {
                     tracing::error!(worker = %id, "renewing leases: {e}");
                 }
             }
@@ -237,12 +259,12 @@ async fn serve_worker(shared: &Shared, id: &str, inbound: &mut Streaming<v1::Wor
                 tracing::info!(worker = %id, "draining: no more leases or witness vectors");
             }
             Some(worker_message::Msg::Completed(c)) => {
-                if let Err(e) = completed(shared, id, c, outbox).await {
+                if let Err(e) = completed(shared, id, identity, c, outbox).await {
                     return format!("recording a completion: {e} (the worker sends it again)");
                 }
             }
             Some(worker_message::Msg::Failed(f)) => {
-                if let Err(e) = failed(shared, id, f, outbox).await {
+                if let Err(e) = failed(shared, id, identity, f, outbox).await {
                     return format!("recording a failure: {e} (the worker sends it again)");
                 }
             }
@@ -267,11 +289,26 @@ fn parse_lease(s: &str) -> Option<Uuid> {
     Uuid::parse_str(s).ok()
 }
 
-async fn completed(shared: &Shared, worker: &str, c: v1::Completed, outbox: &Outbox) -> Result<(), DbError> {
+/// Whether `identity` (the reporting connection's, TLS on) may report `lease`: it was granted
+/// to that identity, or matched with it as the prover. Refuses the report on `outbox` if not.
+async fn may_report(shared: &Shared, worker: &str, identity: Option<&str>, lease: Uuid, outbox: &Outbox) -> Result<bool, DbError> {
+    let Some(identity) = identity else { return Ok(true) };
+    if db::foreign_leases(&shared.pool, &[lease], identity).await?.is_empty() {
+        return Ok(true);
+    }
+    tracing::warn!(worker, %lease, identity, "report for a lease bound to another identity refused");
+    refuse(outbox, &lease.to_string(), "this lease is bound to another worker's certificate identity").await;
+    Ok(false)
+}
+
+async fn completed(shared: &Shared, worker: &str, identity: Option<&str>, c: v1::Completed, outbox: &Outbox) -> Result<(), DbError> {
     let Some(lease) = parse_lease(&c.lease_id) else {
         refuse(outbox, &c.lease_id, "not a lease id").await;
         return Ok(());
     };
+    if !may_report(shared, worker, identity, lease, outbox).await? {
+        return Ok(());
+    }
     let counts: Vec<(CircuitId, u32)> = c
         .circuits
         .iter()
@@ -311,11 +348,14 @@ async fn completed(shared: &Shared, worker: &str, c: v1::Completed, outbox: &Out
     }
 }
 
-async fn failed(shared: &Shared, worker: &str, f: v1::Failed, outbox: &Outbox) -> Result<(), DbError> {
+async fn failed(shared: &Shared, worker: &str, identity: Option<&str>, f: v1::Failed, outbox: &Outbox) -> Result<(), DbError> {
     let Some(lease) = parse_lease(&f.lease_id) else {
         refuse(outbox, &f.lease_id, "not a lease id").await;
         return Ok(());
     };
+    if !may_report(shared, worker, identity, lease, outbox).await? {
+        return Ok(());
+    }
     let reason = if f.handed_back { EndReason::HandedBack } else { EndReason::Failed };
     match db::end_lease(&shared.pool, lease, &f.error, f.retryable, reason).await {
         Ok(Some(ended)) => {

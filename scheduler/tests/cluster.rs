@@ -9,7 +9,8 @@
 //! proves, the scheduler's queue depth must match the jobs in the database, and each process's
 //! metrics must parse with the Prometheus client (PyPI `prometheus_client`). Needs the
 //! workspace's binaries and `DATABASE_URL` (`make test` provides both) and the test tools
-//! (`scripts/test-tools.sh`).
+//! (`scripts/test-tools.sh`). Every gRPC connection is mutual TLS: each process has its own
+//! certificate from a throwaway CA (`TestCa`), named after it; the test's `Admin` client is an admin.
 
 mod common;
 
@@ -17,12 +18,14 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use proofmesh_artifacts::test_server::{self, MotoServer};
 use proofmesh_artifacts::{ArtifactsUrl, S3Store};
 use proofmesh_circuits::setup::{CircuitKey, SetupStore};
 use proofmesh_core::{keys, ArtifactStore, Geometry, ProtocolVersion};
+use proofmesh_proto::tls::test_ca::TestCa;
 
 /// Kills the processes it holds when dropped, so a failing test leaves nothing running.
 struct Procs(Vec<(String, Child)>);
@@ -48,18 +51,26 @@ fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// A command for one of the workspace's binaries, with the test bucket's credentials.
-fn command(program: &str) -> Command {
+/// The test's CA; every process gets a certificate `CN=<its name>` from it.
+static CA: OnceLock<TestCa> = OnceLock::new();
+
+/// A command for one of the workspace's binaries, with the test bucket's credentials and TLS
+/// files of its own (`CN=<name>`).
+fn command(program: &str, name: &str) -> Command {
     let mut c = Command::new(bin(program));
+    let tls = CA.get().expect("the CA is made first").issue(name, &format!("CN={name}")).unwrap();
     c.env("AWS_ACCESS_KEY_ID", test_server::ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", test_server::SECRET_KEY)
-        .env("AWS_EC2_METADATA_DISABLED", "true");
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("PROOFMESH_TLS_CERT", tls.cert)
+        .env("PROOFMESH_TLS_KEY", tls.key)
+        .env("PROOFMESH_TLS_CA", tls.ca);
     c
 }
 
 fn spawn(procs: &mut Procs, logs: &Path, name: &str, program: &str, args: &[&str]) {
     let log = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
-    let child = command(program)
+    let child = command(program, name)
         .args(args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -137,6 +148,8 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
     for d in [&inbox, &outbox, &logs] {
         std::fs::create_dir_all(d).unwrap();
     }
+    let ca = CA.get_or_init(|| TestCa::new(&tmp.path().join("certs"), "cluster test CA").unwrap());
+    let admin_tls = proofmesh_proto::TlsArgs::with_files(ca.issue("operator", "CN=operator,OU=admins").unwrap(), 30);
     // Shared with the proof-tree tests: small-geometry setup data is built once per target dir.
     let setup = Path::new(env!("CARGO_TARGET_TMPDIR")).join("setup-cache");
     let moto = MotoServer::start();
@@ -172,7 +185,7 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
     let metrics_at = |name: &str| format!("127.0.0.1:{}", metrics[name]);
     spawn(&mut procs, &logs, "scheduler", "proofmesh-scheduler", &[
         "--listen", &listen, "--database-url", &db_url, "--artifacts", d, "--geometry", "small",
-        "--metrics-listen", &metrics_at("scheduler"),
+        "--metrics-listen", &metrics_at("scheduler"), "--admin-subject", "OU=admins",
     ]);
     let worker = |name: &str, role: &str, zone: &str| -> Vec<String> {
         ["--role", role, "--scheduler", &scheduler, "--zone", zone, "--artifacts", d, "--setup-dir", s, "--metrics-listen", &metrics_at(name)]
@@ -195,7 +208,7 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
     ]);
 
     let start = Instant::now();
-    let mut gateway = command("proofmesh-gateway")
+    let mut gateway = command("proofmesh-gateway", "gateway")
         .args(["--scheduler", &scheduler, "--artifacts", d, "--inbox", inbox.to_str().unwrap(), "--outbox", outbox.to_str().unwrap(), "--once"])
         .args(["--metrics-listen", &metrics_at("gateway")])
         .stdout(Stdio::piped())
@@ -321,12 +334,14 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
 
     // The prover reported the setups it loaded (setup-data affinity) and its declared version.
     let workers = rt.block_on(async {
-        let mut admin = proofmesh_proto::v1::admin_client::AdminClient::connect(scheduler.clone()).await.unwrap();
+        let channel = admin_tls.endpoint(&scheduler).unwrap().connect().await.unwrap();
+        let mut admin = proofmesh_proto::v1::admin_client::AdminClient::new(channel);
         admin.list_workers(proofmesh_proto::v1::ListWorkersRequest {}).await.unwrap().into_inner().workers
     });
     let prover = workers.iter().find(|w| w.role == proofmesh_proto::v1::Role::Prover as i32).expect("the prover is connected");
     assert!(!prover.loaded_setups.is_empty(), "the prover reports its loaded setups: {prover:?}");
     assert_eq!(prover.protocol_versions, [proofmesh_proto::v1::ProtocolVersion { minor: 1, patch: 0 }]);
+    assert_eq!(prover.identity, "CN=prover-a", "the prover's certificate identity");
 
     // The compressor fetched its setup data from the bucket instead of building it.
     let compressor_log = std::fs::read_to_string(logs.join("compressor.log")).unwrap();

@@ -143,6 +143,7 @@ fn registration(url: &str, capacity: u32) -> Registration {
         protocol_versions: vec![],
         prover_group: None,
         memory_budget_mib: 0,
+        tls: Default::default(),
     }
 }
 

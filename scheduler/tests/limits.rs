@@ -96,6 +96,7 @@ async fn a_prover_refuses_an_oversized_witness_vector_without_holding_it() {
             protocol_versions: vec![],
             prover_group: None,
             memory_budget_mib: 0,
+            tls: Default::default(),
         },
         stop.clone(),
     );
@@ -106,6 +107,7 @@ async fn a_prover_refuses_an_oversized_witness_vector_without_holding_it() {
         setups: Arc::new(Setups::new(dir.path().join("setup"))),
         client,
         draining: CancellationToken::new(),
+        check_pusher: false,
         max_witness_vector_bytes: 8 << 20,
     };
     let grpc = GrpcLimits::default();

@@ -96,6 +96,7 @@ async fn a_worker_refused_for_its_group_stops_with_the_reason_instead_of_retryin
         protocol_versions: vec![],
         prover_group: Some(3),
         memory_budget_mib: 0,
+        tls: Default::default(),
     };
     let stop = CancellationToken::new();
     let (client, mut leases) = LeaseClient::start(reg, stop.clone());

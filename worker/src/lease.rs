@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use proofmesh_core::backoff::Backoff;
 use proofmesh_proto::v1::{self, scheduler_client::SchedulerClient, scheduler_message, worker_message, Role};
@@ -46,6 +46,9 @@ pub struct Registration {
     pub prover_group: Option<u32>,
     /// Memory for the weights of the jobs it holds, MiB (0: no limit).
     pub memory_budget_mib: u64,
+    /// TLS to the scheduler (the files are read at each connection, so a rotated certificate
+    /// is used from the next reconnect on).
+    pub tls: proofmesh_proto::TlsArgs,
 }
 
 /// This machine's host name (`/etc/hostname`), `localhost` if it has none: what workers register
@@ -87,7 +90,15 @@ pub struct LeaseClient {
     refusal: Mutex<Option<String>>,
     /// Circuits whose setup data is loaded (sent with every heartbeat and `Register`).
     loaded_setups: Mutex<Vec<v1::CircuitPair>>,
+    /// Provers, TLS on: the WVG identity each announced witness vector may come from
+    /// (`ExpectWitnessVector`), by lease id, with when it was announced.
+    expected: Mutex<BTreeMap<String, (String, Instant)>>,
+    /// Woken when an announcement arrives.
+    announced: Notify,
 }
+
+/// How long an announced push is waited for before its announcement is forgotten.
+const EXPECTATION_TTL: Duration = Duration::from_secs(3600);
 
 fn msg(m: worker_message::Msg) -> v1::WorkerMessage {
     v1::WorkerMessage { msg: Some(m) }
@@ -108,6 +119,8 @@ impl LeaseClient {
             refused: CancellationToken::new(),
             refusal: Mutex::new(None),
             loaded_setups: Mutex::default(),
+            expected: Mutex::default(),
+            announced: Notify::new(),
         });
         let (leases, rx) = mpsc::channel(1024);
         tokio::spawn(client.clone().supervise(leases, stop));
@@ -194,6 +207,41 @@ impl LeaseClient {
         self.changed.notify_waiters();
     }
 
+    /// Provers: claims the push of `lease`'s witness vector for `pusher`, waiting up to `within`
+    /// for the scheduler's announcement (it may trail the push). `Ok` (the announcement is used
+    /// up: one push per lease) if it names `pusher`; `Err(Some(announced))` if it names another
+    /// identity (kept for the right one); `Err(None)` if none came.
+    pub async fn claim_push(&self, lease: &str, pusher: &str, within: Duration) -> Result<(), Option<String>> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let wait = self.announced.notified();
+            {
+                let mut expected = self.expected.lock().expect("poisoned");
+                match expected.get(lease) {
+                    Some((identity, _)) if identity == pusher => {
+                        expected.remove(lease);
+                        return Ok(());
+                    }
+                    Some((identity, _)) => return Err(Some(identity.clone())),
+                    None => {}
+                }
+            }
+            tokio::select! {
+                _ = wait => {}
+                _ = tokio::time::sleep_until(deadline) => return Err(None),
+            }
+        }
+    }
+
+    fn announce(&self, e: v1::ExpectWitnessVector) {
+        let mut expected = self.expected.lock().expect("poisoned");
+        // Pushes that never came (their WVG died) are forgotten after a while.
+        expected.retain(|_, (_, at)| at.elapsed() < EXPECTATION_TTL);
+        expected.insert(e.lease_id, (e.wvg_identity, Instant::now()));
+        drop(expected);
+        self.announced.notify_waiters();
+    }
+
     /// The leases held now.
     pub fn held(&self) -> Vec<String> {
         self.held.lock().expect("poisoned").iter().cloned().collect()
@@ -271,7 +319,10 @@ impl LeaseClient {
         stop: &CancellationToken,
         backoff: &mut Backoff,
     ) -> anyhow::Result<()> {
-        let channel = tonic::transport::Endpoint::from_shared(self.reg.scheduler.clone())?
+        let channel = self
+            .reg
+            .tls
+            .endpoint(&self.reg.scheduler)?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
             .connect()
@@ -350,6 +401,7 @@ impl LeaseClient {
                         tracing::warn!(lease = r.lease_id, "lease revoked: {}", r.reason);
                         self.unhold(&r.lease_id);
                     }
+                    Some(scheduler_message::Msg::ExpectWitnessVector(e)) => self.announce(e),
                     Some(scheduler_message::Msg::Registered(_)) => {}
                 },
             }

@@ -99,6 +99,13 @@ struct Args {
     /// Provers: limits of the `Prover` server.
     #[command(flatten)]
     grpc: proofmesh_proto::GrpcLimits,
+    /// TLS to the scheduler and between WVGs and provers (a prover serves with it).
+    #[command(flatten)]
+    tls: proofmesh_proto::TlsArgs,
+    /// WVGs, with TLS: the DNS name every prover's certificate carries, checked instead of the
+    /// host of its endpoint (provers advertise pod IPs). Default: the endpoint's host.
+    #[arg(long, env = "PROOFMESH_PROVER_TLS_NAME")]
+    prover_tls_name: Option<String>,
 }
 
 #[tokio::main]
@@ -138,12 +145,14 @@ async fn main() -> anyhow::Result<()> {
         protocol_versions: args.protocol_versions.iter().map(|&v| v.into()).collect(),
         prover_group: args.group,
         memory_budget_mib: args.memory_budget_mib,
+        tls: args.tls.clone(),
     };
 
     if role == Role::Prover {
         let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
-        reg.prover_endpoint = args.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+        reg.prover_endpoint = args.advertise.clone().unwrap_or_else(|| format!("{}://{addr}", args.tls.scheme()));
+        let tls = args.tls.server()?;
         tracing::info!("prover serving on {addr}, advertised as {}", reg.prover_endpoint);
         let (client, _no_leases) = LeaseClient::start(reg, stop.clone());
         report_loaded_setups(&setups, &client);
@@ -154,6 +163,7 @@ async fn main() -> anyhow::Result<()> {
             client: client.clone(),
             draining: drain.clone(),
             max_witness_vector_bytes: args.max_witness_vector_mib << 20,
+            check_pusher: tls.is_some(),
         };
         let router = args
             .grpc
@@ -162,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
             .initial_connection_window_size(CONNECTION_WINDOW)
             .add_service(v1::prover_server::ProverServer::new(service).max_decoding_message_size(args.grpc.max_message_bytes()));
         let (router, _serving) = proofmesh_proto::reflection_and_health(router)?;
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = proofmesh_proto::tls::incoming(listener, tls);
         let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned()));
         tokio::select! {
             _ = drain.cancelled() => {}
@@ -179,7 +189,7 @@ async fn main() -> anyhow::Result<()> {
     report_loaded_setups(&setups, &client);
     let stage: Arc<dyn Stage> = match role {
         Role::WitnessGenerator => Arc::new(wg::WitnessGenerator { artifacts }),
-        _ => Arc::new(wvg::WitnessVectorGenerator { artifacts, setups, channels: Mutex::new(HashMap::new()) }),
+        _ => Arc::new(wvg::WitnessVectorGenerator { artifacts, setups, channels: Mutex::new(HashMap::new()), tls: args.tls.clone(), prover_tls_name: args.prover_tls_name.clone() }),
     };
     runner::run(client.clone(), leases, stage, drain, grace).await;
     stop.cancel();

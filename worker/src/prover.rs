@@ -9,6 +9,7 @@ use std::sync::Arc;
 use proofmesh_core::ArtifactStore;
 use proofmesh_proto::v1;
 use tokio::sync::Semaphore;
+use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -33,7 +34,14 @@ pub struct ProverService {
     pub draining: CancellationToken,
     /// The largest witness vector accepted, bytes (`--max-witness-vector-mib`).
     pub max_witness_vector_bytes: u64,
+    /// TLS on: accept a push only from the WVG identity the scheduler announced for its lease
+    /// (`ExpectWitnessVector`), checked from the header, before the bytes are read.
+    pub check_pusher: bool,
 }
+
+/// How long a push waits for the scheduler's announcement of its lease (it is sent before the
+/// WVG's lease, so it is normally there already).
+const ANNOUNCEMENT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[tonic::async_trait]
 impl v1::prover_server::Prover for ProverService {
@@ -45,7 +53,13 @@ impl v1::prover_server::Prover for ProverService {
             return Err(Status::failed_precondition("prover draining: it takes no new witness vectors"));
         }
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| Status::resource_exhausted("no free proving slot"))?;
-        let (header, wv) = receive(request.into_inner(), self.max_witness_vector_bytes).await?;
+        let pusher = proofmesh_proto::peer_identity(&request);
+        let mut stream = request.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("an empty witness vector stream"))?;
+        if self.check_pusher {
+            self.check_pusher(&first, pusher.as_deref()).await?;
+        }
+        let (header, wv) = receive(tokio_stream::once(Ok(first)).chain(stream), self.max_witness_vector_bytes).await?;
         let received = wv.len() as u64;
         metrics::counter!(proofmesh_core::telemetry::names::WITNESS_VECTOR_BYTES, "direction" => "received").increment(received);
         let lease = header.lease_id.clone();
@@ -72,6 +86,26 @@ impl v1::prover_server::Prover for ProverService {
 }
 
 impl ProverService {
+    /// Refuses (`PERMISSION_DENIED`) a push whose sender is not the WVG the scheduler matched
+    /// with its lease. `first`: the push's first chunk (its header).
+    async fn check_pusher(&self, first: &v1::WitnessVectorChunk, pusher: Option<&proofmesh_proto::PeerIdentity>) -> Result<(), Status> {
+        let Some(v1::witness_vector_chunk::Part::Header(header)) = &first.part else {
+            return Err(Status::invalid_argument("a witness vector stream starts with its header"));
+        };
+        let pusher = pusher.map(|p| p.subject()).ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        match self.client.claim_push(&header.lease_id, pusher, ANNOUNCEMENT_WAIT).await {
+            Ok(()) => Ok(()),
+            Err(Some(expected)) => {
+                tracing::warn!(lease = header.lease_id, pusher, expected, "witness vector from another identity than the lease's WVG refused");
+                Err(Status::permission_denied(format!("lease {} was not granted to {pusher}", header.lease_id)))
+            }
+            Err(None) => {
+                tracing::warn!(lease = header.lease_id, pusher, "witness vector for a lease the scheduler did not match with this prover refused");
+                Err(Status::permission_denied(format!("lease {} was not matched with this prover", header.lease_id)))
+            }
+        }
+    }
+
     async fn prove_and_save(&self, header: v1::WitnessVectorHeader, wv: Vec<u8>) -> Result<v1::Completed, JobError> {
         let job = header.job.unwrap_or_default();
         let (version, geometry) = version_and_geometry(header.protocol_version.as_ref(), header.geometry.as_ref())?;

@@ -2,8 +2,9 @@
 //! bytes in chunks. Both ends live here: [`push`] for the WVG, [`receive`] for the prover.
 
 use proofmesh_proto::v1::{self, prover_client::ProverClient, witness_vector_chunk::Part};
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::Channel;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 /// Bytes per chunk: large enough that per-message overhead vanishes, well under gRPC's default
 /// 4 MiB message limit.
@@ -19,9 +20,16 @@ pub const STREAM_WINDOW: u32 = 16 << 20;
 /// The connection-level window, bytes.
 pub const CONNECTION_WINDOW: u32 = 32 << 20;
 
-/// A channel to a prover's endpoint, tuned for bulk streams. Lazy: connects on first use.
-pub fn prover_channel(endpoint: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(tonic::transport::Endpoint::from_shared(endpoint.to_string())?
+/// A channel to a prover's endpoint, tuned for bulk streams, over TLS if `tls` says so (the
+/// files are read now; the prover's certificate is checked against `server_name` when given,
+/// else the endpoint's host). Lazy: connects on first use. Errors: a bad URL, TLS files that do not load.
+pub fn prover_channel(
+    endpoint: &str,
+    tls: &proofmesh_proto::TlsArgs,
+    server_name: Option<&str>,
+) -> Result<Channel, proofmesh_proto::tls::TlsError> {
+    Ok(tls
+        .endpoint_named(endpoint, server_name)?
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -44,16 +52,19 @@ pub async fn push(channel: Channel, mut header: v1::WitnessVectorHeader, bytes: 
 }
 
 /// Reads a whole push: the header, then exactly `size` bytes whose CRC-32 matches. Errors:
-/// `INVALID_ARGUMENT` (no header first, too large), `DATA_LOSS` (size or checksum mismatch).
+/// `INVALID_ARGUMENT` (no header first, a second header, too large), `DATA_LOSS` (size or
+/// checksum mismatch), and the stream's own errors as they are.
 ///
 /// `max_bytes` bounds the declared size: a larger push is refused from its header, before any
 /// buffer is allocated, and more bytes than declared are refused as they arrive, so a push never
 /// holds more than `max_bytes`.
+///
+/// `stream` is the request's [`tonic::Streaming`] on the prover; any stream of chunks in tests.
 pub async fn receive(
-    mut stream: Streaming<v1::WitnessVectorChunk>,
+    mut stream: impl Stream<Item = Result<v1::WitnessVectorChunk, Status>> + Unpin,
     max_bytes: u64,
 ) -> Result<(v1::WitnessVectorHeader, Vec<u8>), Status> {
-    let header = match stream.message().await?.and_then(|c| c.part) {
+    let header = match stream.next().await.transpose()?.and_then(|c| c.part) {
         Some(Part::Header(h)) => h,
         _ => return Err(Status::invalid_argument("a witness vector stream starts with its header")),
     };
@@ -65,9 +76,13 @@ pub async fn receive(
     }
     let mut bytes = Vec::with_capacity(header.size as usize);
     let mut crc = crc32fast::Hasher::new();
-    while let Some(chunk) = stream.message().await? {
-        let Some(Part::Data(data)) = chunk.part else {
-            return Err(Status::invalid_argument("a second header in one witness vector stream"));
+    while let Some(chunk) = stream.next().await.transpose()? {
+        let data = match chunk.part {
+            Some(Part::Data(data)) => data,
+            Some(Part::Header(_)) => {
+                return Err(Status::invalid_argument("a second header in one witness vector stream"))
+            }
+            None => return Err(Status::invalid_argument("a witness vector chunk with neither header nor data")),
         };
         if bytes.len() + data.len() > header.size as usize {
             return Err(Status::data_loss(format!("more than the {} bytes the header announced", header.size)));

@@ -24,6 +24,11 @@ pub struct WitnessVectorGenerator {
     pub setups: Arc<Setups>,
     /// One channel per prover endpoint.
     pub channels: Mutex<HashMap<String, Channel>>,
+    /// TLS to provers.
+    pub tls: proofmesh_proto::TlsArgs,
+    /// The name provers' certificates are checked against (`--prover-tls-name`); `None`: the
+    /// host of each prover's endpoint.
+    pub prover_tls_name: Option<String>,
 }
 
 impl WitnessVectorGenerator {
@@ -32,7 +37,7 @@ impl WitnessVectorGenerator {
         if let Some(c) = channels.get(endpoint) {
             return Ok(c.clone());
         }
-        let c = prover_channel(endpoint).map_err(|e| JobError::retry(format!("prover endpoint {endpoint}: {e}")))?;
+        let c = prover_channel(endpoint, &self.tls, self.prover_tls_name.as_deref()).map_err(|e| JobError::retry(format!("prover endpoint {endpoint}: {e}")))?;
         channels.insert(endpoint.to_string(), c.clone());
         Ok(c)
     }

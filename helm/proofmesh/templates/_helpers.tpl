@@ -129,6 +129,18 @@ one by one (not sprig merge, which replaces false/0/null with the default).
 {{- define "proofmesh.commonEnv" -}}
 - name: RUST_LOG
   value: {{ .Values.logLevel | quote }}
+{{- if .Values.tls.enabled }}
+# Mutual TLS: the component's certificate Secret (cert-manager keys tls.crt, tls.key, ca.crt),
+# mounted as a directory so rotated files appear in place; re-read every reloadSecs.
+- name: PROOFMESH_TLS_CERT
+  value: /etc/proofmesh/tls/tls.crt
+- name: PROOFMESH_TLS_KEY
+  value: /etc/proofmesh/tls/tls.key
+- name: PROOFMESH_TLS_CA
+  value: /etc/proofmesh/tls/ca.crt
+- name: PROOFMESH_TLS_RELOAD_SECS
+  value: {{ .Values.tls.reloadSecs | quote }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -206,12 +218,50 @@ annotations:
 {{- .Values.artifacts.url | default "file:///var/lib/proofmesh/data" -}}
 {{- end }}
 
-{{/* Mounts of the artifact store and /tmp. */}}
+{{/* Mounts of the artifact store and /tmp (and, with TLS, the certificate Secret). */}}
 {{- define "proofmesh.artifactsMounts" -}}
 - name: artifacts
   mountPath: /var/lib/proofmesh/data
 - name: tmp
   mountPath: /tmp
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/proofmesh/tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The TLS Secret of certificate "name" (a component or a worker pool): <fullname>-<name>-tls. */}}
+{{- define "proofmesh.tlsSecretName" -}}
+{{- printf "%s-tls" (include "proofmesh.componentName" (dict "root" .root "suffix" .name)) }}
+{{- end }}
+
+{{/* The TLS volume of certificate "name", when tls.enabled. */}}
+{{- define "proofmesh.tlsVolume" -}}
+{{- if .root.Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "proofmesh.tlsSecretName" . }}
+{{- end }}
+{{- end }}
+
+{{/* The DNS name every prover certificate carries; WVGs check provers against it (they are
+reached at pod IPs). */}}
+{{- define "proofmesh.proverTlsName" -}}
+{{- printf "%s.provers" (include "proofmesh.fullname" .) }}
+{{- end }}
+
+{{/* A readiness/liveness probe of a gRPC port: grpc.health.v1 in plaintext; with TLS, a TCP
+check (the kubelet's gRPC probe cannot present a client certificate). */}}
+{{- define "proofmesh.grpcProbe" -}}
+{{- if .root.Values.tls.enabled }}
+tcpSocket:
+  port: {{ .port }}
+{{- else }}
+grpc:
+  port: {{ .port }}
+  service: {{ .service | quote }}
+{{- end }}
 {{- end }}
 
 {{/* Node selector with an optional zone pin. */}}

@@ -367,6 +367,10 @@ pub struct LeaseAsk<'a> {
     /// A job that has waited this long (seconds) and does not fit the free budget stops lighter
     /// jobs behind it from being leased to this worker, until enough memory is free.
     pub reserve_after_secs: f64,
+    /// The worker's certificate identity (TLS on): the lease is bound to it.
+    pub identity: Option<&'a str>,
+    /// The matched prover's certificate identity: it may take the lease over and complete it.
+    pub prover_identity: Option<&'a str>,
 }
 
 impl<'a> LeaseAsk<'a> {
@@ -385,6 +389,8 @@ impl<'a> LeaseAsk<'a> {
             prover_budget_mib: 0,
             prover_leases: &[],
             reserve_after_secs: policy.reserve_after_secs,
+            identity: None,
+            prover_identity: None,
         }
     }
 }
@@ -439,7 +445,8 @@ fn lease_sql(versions: bool, pairs: bool) -> String {
              WHERE status = 'queued'
                AND id = (SELECT id FROM ranked WHERE fits AND NOT held_back ORDER BY {LEASE_ORDER} LIMIT 1)
              RETURNING *),
-         history AS (INSERT INTO leases (lease_id, job_id, worker) SELECT lease_id, id, leased_to FROM picked)
+         history AS (INSERT INTO leases (lease_id, job_id, worker, identity, prover_identity)
+                     SELECT lease_id, id, leased_to, $13, $14 FROM picked)
          SELECT p.id, p.lease_id, p.batch_number, p.kind, p.aggregation_round, p.circuit_id, p.depth,
                 p.sequence_number, p.protocol_minor, p.protocol_patch, p.input_key, p.output_key,
                 (extract(epoch FROM p.lease_deadline) * 1000)::bigint AS deadline_ms, b.geometry,
@@ -473,6 +480,8 @@ pub async fn lease(pool: &PgPool, ask: &LeaseAsk<'_>) -> Result<Option<LeasedJob
         .bind(ask.warm)
         .bind(ask.warm_own)
         .bind(ask.reserve_after_secs)
+        .bind(ask.identity)
+        .bind(ask.prover_identity)
         .fetch_optional(pool)
         .await?;
     Ok(job)
@@ -913,10 +922,11 @@ pub async fn register_worker(
     host: &str,
     capacity: u32,
     prover_endpoint: Option<&str>,
+    identity: Option<&str>,
 ) -> Result<(), DbError> {
     sqlx::query(
-        "INSERT INTO workers (id, name, role, zone, region, host, capacity, prover_endpoint)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO workers (id, name, role, zone, region, host, capacity, prover_endpoint, identity)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(id)
     .bind(name)
@@ -926,7 +936,21 @@ pub async fn register_worker(
     .bind(host)
     .bind(capacity as i32)
     .bind(prover_endpoint)
+    .bind(identity)
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// The leases among `leases` that `identity` may not present: bound (TLS on) to the
+/// certificate identities of other workers. A lease granted without TLS is anyone's.
+pub async fn foreign_leases(pool: &PgPool, leases: &[Uuid], identity: &str) -> Result<Vec<Uuid>, DbError> {
+    Ok(sqlx::query_scalar(
+        "SELECT lease_id FROM leases
+         WHERE lease_id = ANY($1) AND identity IS NOT NULL AND identity <> $2 AND prover_identity IS DISTINCT FROM $2",
+    )
+    .bind(leases)
+    .bind(identity)
+    .fetch_all(pool)
+    .await?)
 }

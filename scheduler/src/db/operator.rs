@@ -276,3 +276,43 @@ pub async fn mark_cleaned(pool: &PgPool, batch: i64) -> Result<u64, DbError> {
     tx.commit().await?;
     Ok(leases)
 }
+
+/// One `audit_log` row.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AuditRow {
+    /// `audit_log.id`.
+    pub id: i64,
+    /// When, Unix milliseconds.
+    pub at_ms: i64,
+    /// Who (certificate subject, or `anonymous (TLS off)`).
+    pub identity: String,
+    /// The `Admin` method.
+    pub method: String,
+    /// Its arguments, as text.
+    pub details: String,
+    /// `ok` or the error.
+    pub outcome: String,
+}
+
+/// Appends an `Admin` change to the audit log.
+pub async fn audit(pool: &PgPool, identity: &str, method: &str, details: &str, outcome: &str) -> Result<(), DbError> {
+    sqlx::query("INSERT INTO audit_log (identity, method, details, outcome) VALUES ($1, $2, $3, $4)")
+        .bind(identity)
+        .bind(method)
+        .bind(details)
+        .bind(outcome)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// The newest `limit` audit entries, newest first.
+pub async fn audit_log(pool: &PgPool, limit: i64) -> Result<Vec<AuditRow>, DbError> {
+    Ok(sqlx::query_as(
+        "SELECT id, (extract(epoch FROM at) * 1000)::bigint AS at_ms, identity, method, details, outcome
+         FROM audit_log ORDER BY id DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?)
+}

@@ -62,6 +62,8 @@ pub fn settings() -> Settings {
         policy: Default::default(),
         housekeeping: None,
         grpc: Default::default(),
+        tls: Default::default(),
+        access: Default::default(),
     }
 }
 
@@ -95,7 +97,13 @@ fn msg(m: worker_message::Msg) -> v1::WorkerMessage {
 
 impl RawWorker {
     pub async fn connect(url: &str, register: v1::Register) -> RawWorker {
-        let mut client = SchedulerClient::connect(url.to_string()).await.unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap();
+        Self::connect_on(channel, register).await
+    }
+
+    /// Registers on `channel` (e.g. a TLS channel with the worker's certificate).
+    pub async fn connect_on(channel: tonic::transport::Channel, register: v1::Register) -> RawWorker {
+        let mut client = SchedulerClient::new(channel);
         let (tx, rx) = mpsc::unbounded_channel();
         tx.send(msg(worker_message::Msg::Register(register))).unwrap();
         let mut inbound = client.work(UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
