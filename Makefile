@@ -8,6 +8,7 @@ SETUP_DIR ?= .setup-cache
 GEOMETRY ?= default
 ARTIFACTS ?=
 GATEWAY_MODE ?= inbox
+TLS ?= on
 BIN := target/debug/proofmesh-circuits
 
 .PHONY: help demo chaos build test bench samples prove-samples clean-setup
@@ -43,7 +44,8 @@ chaos:
 
 demo:
 	$(CARGO) build --workspace --bins
-	GEOMETRY=$(GEOMETRY) SETUP_DIR=$(SETUP_DIR) ARTIFACTS=$(ARTIFACTS) GATEWAY_MODE=$(GATEWAY_MODE) scripts/demo.sh
+	$(CARGO) build -p proofmesh-proto --features test-ca --bin proofmesh-dev-ca
+	GEOMETRY=$(GEOMETRY) SETUP_DIR=$(SETUP_DIR) ARTIFACTS=$(ARTIFACTS) GATEWAY_MODE=$(GATEWAY_MODE) TLS=$(TLS) scripts/demo.sh
 
 # Circuit figures first (they also build the setup cache the cluster benchmark loads, and write
 # the job weights: peak memory per circuit, for the scheduler's --job-weights), then the

@@ -17,6 +17,9 @@
 #   GATEWAY_MODE  how batches come in: `inbox` (files, the default); `client` (the gateway polls a
 #                 simulated L2 node, scripts/l2-node-sim.py serve, and posts proofs back);
 #                 `server` (the simulated node pushes batches to the gateway and polls for proofs).
+#   TLS           `on` (the default): mutual TLS on every gRPC connection, each process with its
+#                 own certificate (CN=<its name>) from a throwaway CA (proofmesh-dev-ca, in
+#                 DEMO_DIR/tls); `off`: plaintext.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +35,8 @@ SAMPLES="${SAMPLES:-samples}"
 BIN=target/debug
 SCHED="http://127.0.0.1:$PORT"
 
+TLS="${TLS:-on}"
+case "$TLS" in on|off) ;; *) echo "TLS must be on or off" >&2; exit 2;; esac
 GATEWAY_MODE="${GATEWAY_MODE:-inbox}"
 case "$GATEWAY_MODE" in inbox|client|server) ;; *) echo "GATEWAY_MODE must be inbox, client or server" >&2; exit 2;; esac
 
@@ -67,15 +72,33 @@ if [[ "$DATA" == moto ]]; then
 fi
 echo "== artifacts: $DATA; gateway mode: $GATEWAY_MODE"
 
+NAMES=(scheduler wg-a wvg-a prover-a wvg-b prover-b compressor gateway)
+if [[ "$TLS" == on ]]; then
+  "$BIN/proofmesh-dev-ca" "$DEMO_DIR/tls" $(for n in "${NAMES[@]}"; do echo "$n=CN=$n"; done) operator=CN=operator >/dev/null
+  echo "== TLS: on, a certificate per process (CN=<name>) in $DEMO_DIR/tls; $DEMO_DIR/tls/operator.pem is an admin's"
+else
+  echo "== TLS: off"
+fi
+
+tls() { # name, program, args...: runs it with its own certificate when TLS is on
+  local name=$1; shift
+  if [[ "$TLS" == on ]]; then
+    PROOFMESH_TLS_CERT="$DEMO_DIR/tls/$name.pem" PROOFMESH_TLS_KEY="$DEMO_DIR/tls/$name.key" \
+      PROOFMESH_TLS_CA="$DEMO_DIR/tls/ca.pem" "$@"
+  else
+    "$@"
+  fi
+}
+
 start() { # name, program, args...
   local name=$1; shift
-  "$@" >"$LOGS/$name.log" 2>&1 &
+  tls "$name" "$@" >"$LOGS/$name.log" 2>&1 &
   PIDS+=($!)
 }
 
 echo "== scheduler on $SCHED (geometry $GEOMETRY), logs in $LOGS"
 start scheduler "$BIN/proofmesh-scheduler" --listen "127.0.0.1:$PORT" --database-url "$DATABASE_URL" \
-  --artifacts "$DATA" --geometry "$GEOMETRY"
+  --artifacts "$DATA" --geometry "$GEOMETRY" --admin-subject "CN=operator"
 wait_port "$PORT"
 
 worker() { # name, role, zone, extra args...
@@ -103,7 +126,7 @@ case "$GATEWAY_MODE" in
       cp "$f" "$DEMO_DIR/inbox/.$(basename "$f")"
       mv "$DEMO_DIR/inbox/.$(basename "$f")" "$DEMO_DIR/inbox/$(basename "$f")"
     done
-    "$BIN/proofmesh-gateway" --scheduler "$SCHED" --artifacts "$DATA" --inbox "$DEMO_DIR/inbox" \
+    tls gateway "$BIN/proofmesh-gateway" --scheduler "$SCHED" --artifacts "$DATA" --inbox "$DEMO_DIR/inbox" \
       --outbox "$DEMO_DIR/outbox" --once --progress 2>"$LOGS/gateway.log"
     gateway_status=$?
     ;;
