@@ -13,7 +13,7 @@ use proofmesh_core::LocalStore;
 use proofmesh_proto::v1::{self, witness_vector_chunk::Part};
 use proofmesh_proto::GrpcLimits;
 use proofmesh_scheduler::Settings;
-use proofmesh_worker::lease::{LeaseClient, Registration};
+use proofmesh_worker::lease::LeaseClient;
 use proofmesh_worker::prover::ProverService;
 use proofmesh_worker::setups::Setups;
 use tokio::sync::{mpsc, Semaphore};
@@ -83,23 +83,7 @@ async fn a_prover_refuses_an_oversized_witness_vector_without_holding_it() {
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
-    let (client, _leases) = LeaseClient::start(
-        Registration {
-            scheduler: s.url.clone(),
-            role: v1::Role::Prover,
-            name: "prover".into(),
-            zone: "a".into(),
-            region: "r".into(),
-            host: "h".into(),
-            capacity: 1,
-            prover_endpoint: endpoint.clone(),
-            protocol_versions: vec![],
-            prover_group: None,
-            memory_budget_mib: 0,
-            tls: Default::default(),
-        },
-        stop.clone(),
-    );
+    let (client, _leases) = LeaseClient::start(common::prover_registration(&s.url, &endpoint, Default::default()), stop.clone());
     let dir = tempfile::tempdir().unwrap();
     let service = ProverService {
         slots: Arc::new(Semaphore::new(1)),

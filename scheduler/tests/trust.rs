@@ -19,7 +19,7 @@ use proofmesh_proto::v1::{self, scheduler_message::Msg, witness_vector_chunk::Pa
 use proofmesh_proto::{GrpcLimits, TlsArgs};
 use proofmesh_scheduler::access::AccessPolicy;
 use proofmesh_scheduler::Settings;
-use proofmesh_worker::lease::{LeaseClient, Registration};
+use proofmesh_worker::lease::LeaseClient;
 use proofmesh_worker::prover::ProverService;
 use proofmesh_worker::setups::Setups;
 use tokio::sync::Semaphore;
@@ -49,17 +49,6 @@ fn admin(channel: Channel) -> v1::admin_client::AdminClient<Channel> {
 
 async fn list_batches(channel: Channel) -> Result<v1::ListBatchesResponse, tonic::Status> {
     admin(channel).list_batches(v1::ListBatchesRequest { limit: 10 }).await.map(|r| r.into_inner())
-}
-
-async fn submit_on(channel: Channel, n: u32) {
-    let r = v1::SubmitBatchRequest {
-        batch_number: n,
-        protocol_version: Some(v1::ProtocolVersion { minor: 1, patch: 0 }),
-        input_key: proofmesh_core::keys::batch_input(proofmesh_core::BatchNumber(n)),
-        priority: 0,
-        content_sha256: vec![],
-    };
-    assert!(v1::batches_client::BatchesClient::new(channel).submit_batch(r).await.unwrap().into_inner().created);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,7 +91,7 @@ async fn a_worker_cannot_complete_or_renew_a_lease_granted_to_another() {
     let mut wg_a = RawWorker::connect_on(channel(&s.url, &a).await.unwrap(), register(Role::WitnessGenerator, "z", "h1", 1, "")).await;
     let mut wg_b = RawWorker::connect_on(channel(&s.url, &b).await.unwrap(), register(Role::WitnessGenerator, "z", "h2", 1, "")).await;
     wg_a.credit(1);
-    submit_on(channel(&s.url, &ca.issue("gateway", "CN=gateway").unwrap()).await.unwrap(), 5).await;
+    assert!(submit_on(channel(&s.url, &ca.issue("gateway", "CN=gateway").unwrap()).await.unwrap(), 5).await);
     let lease = wg_a.lease().await;
 
     // B knows the lease id (say it leaked): its completion and its failure are refused ...
@@ -147,7 +136,7 @@ async fn operators_read_admins_change_and_every_change_is_audited() {
     let operator = channel(&s.url, &ca.issue("operator", "CN=olga,OU=operators").unwrap()).await.unwrap();
     let admin_ch = channel(&s.url, &ca.issue("admin", "CN=alice,OU=admins").unwrap()).await.unwrap();
     let worker = channel(&s.url, &ca.issue("worker", "CN=prover-9").unwrap()).await.unwrap();
-    submit_on(worker.clone(), 11).await;
+    assert!(submit_on(worker.clone(), 11).await);
 
     // A worker's certificate is neither role.
     let err = list_batches(worker.clone()).await.unwrap_err();
@@ -195,21 +184,7 @@ async fn a_prover_takes_a_witness_vector_only_from_the_matched_wvg() {
     let endpoint = format!("https://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
-    let registration = Registration {
-        scheduler: s.url.clone(),
-        role: Role::Prover,
-        name: "prover-a".into(),
-        zone: "z".into(),
-        region: "r".into(),
-        host: "h".into(),
-        capacity: 1,
-        prover_endpoint: endpoint.clone(),
-        protocol_versions: vec![],
-        prover_group: None,
-        memory_budget_mib: 0,
-        tls: prover_tls.clone(),
-    };
-    let (client, _leases) = LeaseClient::start(registration, stop.clone());
+    let (client, _leases) = LeaseClient::start(prover_registration(&s.url, &endpoint, prover_tls.clone()), stop.clone());
     let service = ProverService {
         slots: Arc::new(Semaphore::new(1)),
         artifacts: Arc::new(LocalStore::new(dir.path().join("data"))),
@@ -231,7 +206,7 @@ async fn a_prover_takes_a_witness_vector_only_from_the_matched_wvg() {
     let wg = ca.issue("wg", "CN=wg").unwrap();
     let mut wg = RawWorker::connect_on(channel(&s.url, &wg).await.unwrap(), register(Role::WitnessGenerator, "z", "h", 1, "")).await;
     wg.credit(1);
-    submit_on(channel(&s.url, &ca.issue("gateway", "CN=gateway").unwrap()).await.unwrap(), 3).await;
+    assert!(submit_on(channel(&s.url, &ca.issue("gateway", "CN=gateway").unwrap()).await.unwrap(), 3).await);
     let round0 = wg.lease().await;
     wg.complete(&round0.lease_id, &[(1, 1), (2, 1), (3, 1)]);
     let wvg_files = ca.issue("wvg", "CN=wvg-a").unwrap();

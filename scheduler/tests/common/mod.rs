@@ -195,7 +195,12 @@ pub fn register(role: v1::Role, zone: &str, host: &str, capacity: u32, endpoint:
 
 /// Submits batch `n` (protocol 0.1.0) through the `Batches` service.
 pub async fn submit(url: &str, n: u32) -> bool {
-    let mut batches = v1::batches_client::BatchesClient::connect(url.to_string()).await.unwrap();
+    submit_on(tonic::transport::Endpoint::from_shared(url.to_string()).unwrap().connect().await.unwrap(), n).await
+}
+
+/// [`submit`] on `channel` (e.g. a TLS channel with a gateway's certificate).
+pub async fn submit_on(channel: tonic::transport::Channel, n: u32) -> bool {
+    let mut batches = v1::batches_client::BatchesClient::new(channel);
     let r = v1::SubmitBatchRequest {
         batch_number: n,
         protocol_version: Some(v1::ProtocolVersion { minor: 1, patch: 0 }),
@@ -204,6 +209,24 @@ pub async fn submit(url: &str, n: u32) -> bool {
         content_sha256: vec![],
     };
     batches.submit_batch(r).await.unwrap().into_inner().created
+}
+
+/// A prover's registration with the scheduler at `url`, serving at `endpoint`, capacity 1.
+pub fn prover_registration(url: &str, endpoint: &str, tls: proofmesh_proto::TlsArgs) -> proofmesh_worker::lease::Registration {
+    proofmesh_worker::lease::Registration {
+        scheduler: url.to_string(),
+        role: v1::Role::Prover,
+        name: "prover".into(),
+        zone: "z".into(),
+        region: "r".into(),
+        host: "h".into(),
+        capacity: 1,
+        prover_endpoint: endpoint.to_string(),
+        protocol_versions: vec![],
+        prover_group: None,
+        memory_budget_mib: 0,
+        tls,
+    }
 }
 
 /// The batch as `Admin.GetBatch` shows it.
