@@ -80,6 +80,7 @@ pub fn settings(geometry: Geometry) -> Settings {
         grpc: Default::default(),
         tls: Default::default(),
         access: Default::default(),
+        quarantine_after_strikes: 1,
     }
 }
 

@@ -307,6 +307,23 @@ impl SetupStore {
         Ok(v)
     }
 
+    /// Checks `proof` (a proof of circuit `key`, `ProofWithPublicInputs::to_bytes`) natively
+    /// against `key`'s verifier data, as the next round does before building on it (milliseconds).
+    /// Errors: verifier data that cannot be obtained (`Ok(Err(_))` is the proof's fault: bytes
+    /// that do not parse as a proof of that circuit, or a proof that does not verify).
+    pub fn check_proof(&self, key: CircuitKey, proof: &[u8]) -> anyhow::Result<Result<(), String>> {
+        let v = self.verifier(key)?;
+        let proof = match plonky2::plonk::proof::ProofWithPublicInputs::<F, C, D>::from_bytes(proof.to_vec(), &v.common) {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(format!("not a proof of {}: {e}", key.name()))),
+        };
+        // A malformed proof must not take the process down with it.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| v.verify(proof))) {
+            Ok(r) => Ok(r.map_err(|e| format!("a proof of {} that does not verify: {e}", key.name()))),
+            Err(_) => Ok(Err(format!("a proof of {} that does not verify (the verifier panicked on it)", key.name()))),
+        }
+    }
+
     /// The verification key hash of the final (compression) circuit, as the scheduler's protocol
     /// version table records it: its plonky2 `circuit_digest` (4 Goldilocks elements, each 8
     /// bytes little-endian), 64 lowercase hex digits. Builds the setup chain if it is not cached.

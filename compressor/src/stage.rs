@@ -9,6 +9,7 @@ use proofmesh_circuits::prover::{run_job, JobInput};
 use proofmesh_circuits::setup::{CircuitKey, SetupStore};
 use proofmesh_core::{ArtifactStore, ProtocolVersion};
 use proofmesh_proto::v1;
+use proofmesh_worker::execute::check_input_proofs;
 use proofmesh_worker::runner::{execute, JobError, Outcome, Stage};
 use proofmesh_worker::setups::{version_and_geometry, Setups};
 use proofmesh_worker::wg::read_all;
@@ -47,7 +48,13 @@ impl Stage for Compressor {
         }
         let input = read_all(self.artifacts.as_ref(), &lease.input_keys).await?.pop().ok_or_else(|| JobError::fatal("no scheduler proof"))?;
         let setups = self.setups.clone();
-        let (bytes, secs) = execute(move || compress(&setups, &*setups.store(version, geometry)?, version, input)).await?;
+        let (bytes, secs) = execute(move || {
+            let store = setups.store(version, geometry)?;
+            // The scheduler proof is checked like every round's inputs: a wrong one is proven again.
+            check_input_proofs(&store, &[CircuitKey::Scheduler], std::slice::from_ref(&input))?;
+            compress(&setups, &store, version, input)
+        })
+        .await?;
         let size = bytes.len() as u64;
         self.artifacts.put(&lease.output_key, bytes).await.map_err(|e| JobError::retry(e.to_string()))?;
         Ok(Outcome::Completed(v1::Completed { lease_id: String::new(), circuits: vec![], compute_secs: secs, output_bytes: size }))

@@ -228,6 +228,11 @@ impl v1::admin_server::Admin for AdminService {
         self.change(request, "RetireProtocolVersion", details, async |r| self.retire_version(r).await).await
     }
 
+    async fn release_worker(&self, request: Request<v1::ReleaseWorkerRequest>) -> Result<Response<v1::ListWorkersResponse>, Status> {
+        let details = |r: &v1::ReleaseWorkerRequest| format!("worker {:?}", r.worker);
+        self.change(request, "ReleaseWorker", details, async |r| self.release(r).await).await
+    }
+
     async fn list_audit_log(
         &self,
         request: Request<v1::ListAuditLogRequest>,
@@ -366,6 +371,8 @@ impl AdminService {
                 memory_used_mib: 0,
                 loaded_setups: c.loaded_setups.iter().map(|&p| crate::groups::unpack(p)).collect(),
                 identity: c.identity.clone().unwrap_or_default(),
+                strikes: 0,
+                quarantined: c.quarantined,
             })
             .collect();
         let ids: Vec<String> = workers.iter().map(|w| w.id.clone()).collect();
@@ -376,7 +383,23 @@ impl AdminService {
                 w.memory_used_mib = mib.max(0) as u64;
             }
         }
+        let names: Vec<String> = workers.iter().map(|w| w.name.clone()).collect();
+        for (name, n) in db::strikes(&self.shared.pool, &names).await.map_err(internal)? {
+            for w in workers.iter_mut().filter(|w| w.name == name) {
+                w.strikes = n as u32;
+            }
+        }
         Ok(workers)
+    }
+
+    async fn release(&self, r: v1::ReleaseWorkerRequest) -> Result<v1::ListWorkersResponse, Status> {
+        if !db::release_worker(&self.shared.pool, &r.worker).await.map_err(internal)? {
+            return Err(Status::not_found(format!("worker {:?} is not quarantined", r.worker)));
+        }
+        self.shared.registry().quarantine(&r.worker, false);
+        self.shared.wake_dispatcher();
+        let workers = self.workers().await?.into_iter().filter(|w| w.name == r.worker).collect();
+        Ok(v1::ListWorkersResponse { workers })
     }
 }
 

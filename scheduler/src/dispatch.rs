@@ -80,7 +80,7 @@ struct MatchedProver {
 /// when it can take nothing now (not a leasing role, or a WVG without a compatible free prover).
 fn ask_for(shared: &Shared, worker: &str) -> Option<Ask> {
     let reg = shared.registry();
-    let conn = reg.get(worker)?;
+    let conn = reg.get(worker).filter(|c| !c.quarantined)?;
     let kind = kind_of(conn.role)?;
     let budget = |mib: u64| i64::try_from(mib).unwrap_or(i64::MAX);
     let affinity = shared.settings.policy.setup_affinity;

@@ -103,6 +103,11 @@ struct Args {
     grpc: proofmesh_proto::GrpcLimits,
     #[command(flatten)]
     tls: proofmesh_proto::TlsArgs,
+    /// A worker (by name) that handed in this many proofs that did not verify when the next
+    /// round checked them is quarantined: no more leases or witness vectors until
+    /// `Admin.ReleaseWorker`. Its jobs are proven again elsewhere either way.
+    #[arg(long, env = "PROOFMESH_QUARANTINE_AFTER_STRIKES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    quarantine_after_strikes: u32,
     /// With TLS: certificate subjects that may call every `Admin` method, changes included
     /// (`KEY=VALUE[,KEY=VALUE]`, e.g. `CN=alice` or `OU=proofmesh-admins`; repeat the flag or
     /// separate with `;`). Every change is in the audit log (`Admin.ListAuditLog`).
@@ -192,6 +197,7 @@ async fn main() -> anyhow::Result<()> {
         }),
         grpc: args.grpc.clone(),
         tls: args.tls.clone(),
+        quarantine_after_strikes: args.quarantine_after_strikes,
         access: proofmesh_scheduler::access::AccessPolicy {
             admins: args.admin_subjects.clone(),
             operators: args.operator_subjects.clone(),

@@ -49,6 +49,8 @@ pub struct Conn {
     pub draining: bool,
     /// Its certificate subject (TLS on): leases granted to it are bound to it.
     pub identity: Option<String>,
+    /// Its name is quarantined (proofs that did not verify): no leases, no witness vectors.
+    pub quarantined: bool,
     /// Its stream.
     pub outbox: Outbox,
 }
@@ -108,6 +110,13 @@ impl Registry {
         v
     }
 
+    /// Quarantines (or, `on` false, releases) every connection named `name`.
+    pub fn quarantine(&mut self, name: &str, on: bool) {
+        for c in self.workers.values_mut().filter(|c| c.name == name) {
+            c.quarantined = on;
+        }
+    }
+
     /// Drains the workers whose id or name is `who` (no more leases, no more WVG matches).
     /// Returns their ids.
     pub fn drain(&mut self, who: &str) -> Vec<String> {
@@ -143,7 +152,7 @@ impl Registry {
             let versions = wvg.versions.is_empty() || p.versions.is_empty() || wvg.versions.iter().any(|v| p.versions.contains(v));
             versions && crate::groups::intersect(&wvg.pairs, &p.pairs).is_some()
         };
-        for p in self.workers.values().filter(|p| p.role == Role::Prover && p.slots_used < p.capacity && !p.draining && fits(p)) {
+        for p in self.workers.values().filter(|p| p.role == Role::Prover && p.slots_used < p.capacity && !p.draining && !p.quarantined && fits(p)) {
             let locality = match (p.zone == wvg.zone, p.host == wvg.host) {
                 (true, true) => 0,
                 (true, false) => 1,
@@ -232,6 +241,7 @@ mod tests {
             slots_used: 0,
             draining: false,
             identity: None,
+            quarantined: false,
             outbox,
         }
     }

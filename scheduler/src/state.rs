@@ -68,6 +68,9 @@ pub struct Settings {
     pub grpc: proofmesh_proto::GrpcLimits,
     /// TLS (`--tls-*`): off by default.
     pub tls: proofmesh_proto::TlsArgs,
+    /// Strikes (proofs handed in that did not verify) after which a worker name is quarantined
+    /// (`--quarantine-after-strikes`).
+    pub quarantine_after_strikes: u32,
     /// Who may call `Admin` (`--admin-subject`, `--operator-subject`; checked with TLS on).
     pub access: crate::access::AccessPolicy,
 }

@@ -126,6 +126,10 @@ impl v1::scheduler_server::Scheduler for WorkService {
         .await
         .map_err(internal)?;
 
+        let quarantined = db::is_quarantined(&self.shared.pool, &name).await.map_err(internal)?;
+        if quarantined {
+            tracing::warn!(worker = %id, name, "registered while quarantined: it gets nothing until Admin.ReleaseWorker");
+        }
         let (outbox, rx) = mpsc::channel(OUTBOX_DEPTH);
         let registered = v1::Registered { worker_id: id.clone(), heartbeat_interval_ms: self.shared.settings.heartbeat_ms };
         outbox
@@ -149,6 +153,7 @@ impl v1::scheduler_server::Scheduler for WorkService {
             slots_used: 0,
             draining: false,
             identity: identity.clone(),
+            quarantined,
             outbox: outbox.clone(),
         });
         let held = parse_leases(&reg.held_leases);
@@ -285,6 +290,41 @@ async fn recorded(outbox: &Outbox, lease: &str) {
     let _ = outbox.send(Ok(v1::SchedulerMessage { msg: Some(scheduler_message::Msg::Recorded(msg)) })).await;
 }
 
+/// A witness generator (or the compressor) found input proofs of its job that do not verify:
+/// their jobs are proven again, their provers struck (and quarantined past the threshold), and
+/// the job waits for them ([`db::reject_inputs`]).
+async fn rejected_inputs(shared: &Shared, worker: &str, lease: Uuid, f: &v1::Failed, outbox: &Outbox) -> Result<(), DbError> {
+    let threshold = i64::from(shared.settings.quarantine_after_strikes);
+    let reason = format!("rejected by the next round: {}", f.error);
+    match db::reject_inputs(&shared.pool, lease, &f.bad_inputs, &reason, threshold).await {
+        Ok(Some(r)) => {
+            for (job, rejected, by) in &r.requeued {
+                tracing::warn!(worker, job, lease = ?rejected, by = by.as_deref().unwrap_or(""), "a proof that does not verify: its job is proven again");
+                crate::telemetry::lease_ended(&r.job, "rejected");
+            }
+            for name in &r.quarantined {
+                tracing::error!(worker = name, strikes = threshold, "quarantined: it handed in proofs that do not verify (Admin.ReleaseWorker lifts it)");
+                shared.registry().quarantine(name, true);
+            }
+            crate::telemetry::lease_ended(&r.job, "handed_back");
+            shared.registry().free_slot(lease);
+            recorded(outbox, &f.lease_id).await;
+            shared.batch_changed(r.batch_number);
+            shared.wake_dispatcher();
+            Ok(())
+        }
+        Ok(None) => {
+            refuse(outbox, &f.lease_id, "stale lease").await;
+            Ok(())
+        }
+        Err(DbError::Invalid(why)) => {
+            refuse(outbox, &f.lease_id, &why).await;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn parse_lease(s: &str) -> Option<Uuid> {
     Uuid::parse_str(s).ok()
 }
@@ -355,6 +395,9 @@ async fn failed(shared: &Shared, worker: &str, identity: Option<&str>, f: v1::Fa
     };
     if !may_report(shared, worker, identity, lease, outbox).await? {
         return Ok(());
+    }
+    if !f.bad_inputs.is_empty() {
+        return rejected_inputs(shared, worker, lease, &f, outbox).await;
     }
     let reason = if f.handed_back { EndReason::HandedBack } else { EndReason::Failed };
     match db::end_lease(&shared.pool, lease, &f.error, f.retryable, reason).await {

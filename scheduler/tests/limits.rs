@@ -92,6 +92,7 @@ async fn a_prover_refuses_an_oversized_witness_vector_without_holding_it() {
         client,
         draining: CancellationToken::new(),
         check_pusher: false,
+        wrong_proofs: false,
         max_witness_vector_bytes: 8 << 20,
     };
     let grpc = GrpcLimits::default();

@@ -193,6 +193,7 @@ async fn a_prover_takes_a_witness_vector_only_from_the_matched_wvg() {
         draining: CancellationToken::new(),
         max_witness_vector_bytes: 8 << 20,
         check_pusher: true,
+        wrong_proofs: false,
     };
     let grpc = GrpcLimits::default();
     let incoming = proofmesh_proto::tls::incoming(listener, prover_tls.server().unwrap());

@@ -105,6 +105,46 @@ pub fn witness_generation(job: WgJob, inputs: Vec<Vec<u8>>, depths: &[u32]) -> R
     Ok(out)
 }
 
+/// The circuit each of a witness-generation job's `n` inputs is a proof of, in input order; empty
+/// for round 0 (its input is the batch file). `depths`: the recursion tip's node depth per type.
+/// Errors (not retryable): an unknown circuit type, or depths that do not match the inputs.
+pub fn input_circuits(job: &WgJob, n: usize, depths: &[u32]) -> Result<Vec<CircuitKey>, JobError> {
+    let t = || BasicCircuit::from_id(job.circuit_id).ok_or_else(|| JobError::fatal(format!("no basic circuit type {}", job.circuit_id)));
+    Ok(match (job.round, job.depth) {
+        (AggregationRound::BasicCircuits, _) => vec![],
+        (AggregationRound::LeafAggregation, _) => vec![CircuitKey::Basic(t()?); n],
+        (AggregationRound::NodeAggregation, 0) => vec![CircuitKey::Leaf(t()?); n],
+        (AggregationRound::NodeAggregation, d) => vec![CircuitKey::Node(t()?, d - 1); n],
+        (AggregationRound::RecursionTip, _) => {
+            if depths.len() != n || n != BasicCircuit::ALL.len() {
+                return Err(JobError::fatal(format!("the recursion tip takes {} node proofs", BasicCircuit::ALL.len())));
+            }
+            BasicCircuit::ALL.iter().zip(depths).map(|(t, d)| CircuitKey::Node(*t, *d as u8)).collect()
+        }
+        (AggregationRound::Scheduler, _) => vec![CircuitKey::RecursionTip; n],
+    })
+}
+
+/// Checks every input proof natively against its circuit's verifier data (`keys[i]` for
+/// `inputs[i]`), as the next round must before building on them: a prover that handed in a wrong
+/// proof is caught here, not rounds later. `Err` with [`JobError::bad_inputs`] naming those that
+/// fail; a retryable error when verifier data cannot be obtained.
+pub fn check_input_proofs(store: &SetupStore, keys: &[CircuitKey], inputs: &[Vec<u8>]) -> Result<(), JobError> {
+    let mut bad = vec![];
+    let mut reasons = vec![];
+    for (i, (key, proof)) in keys.iter().zip(inputs).enumerate() {
+        if let Err(why) = store.check_proof(*key, proof).map_err(|e| JobError::retry(format!("verifier data of {}: {e:#}", key.name())))? {
+            bad.push(i as u32);
+            reasons.push(format!("input {i}: {why}"));
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(JobError::bad_inputs(format!("input proofs that do not verify: {}", reasons.join("; ")), bad))
+    }
+}
+
 /// Witness vector generation: the circuit input's full assignment for circuit `key`, serialized.
 /// Errors: a corrupt circuit input or one the circuit does not accept (not retryable); setup data
 /// that cannot be obtained (retryable).

@@ -170,7 +170,19 @@ impl LeaseClient {
     /// Reports a failed job. `handed_back`: not a failure of the job, the worker gave it up
     /// unfinished (drain); the scheduler requeues it without counting an attempt.
     pub fn failed(&self, lease_id: &str, error: &str, retryable: bool, handed_back: bool) {
-        let f = v1::Failed { lease_id: lease_id.into(), error: error.into(), retryable, handed_back };
+        let f = v1::Failed { lease_id: lease_id.into(), error: error.into(), retryable, handed_back, bad_inputs: vec![] };
+        self.report(lease_id, msg(worker_message::Msg::Failed(f)));
+    }
+
+    /// Reports a failed job from its [`crate::runner::JobError`] (bad inputs included).
+    pub fn failed_with(&self, lease_id: &str, e: &crate::runner::JobError) {
+        let f = v1::Failed {
+            lease_id: lease_id.into(),
+            error: e.message.clone(),
+            retryable: e.retryable,
+            handed_back: e.handed_back,
+            bad_inputs: e.bad_inputs.clone(),
+        };
         self.report(lease_id, msg(worker_message::Msg::Failed(f)));
     }
 

@@ -96,6 +96,10 @@ struct Args {
     #[arg(long, env = "PROOFMESH_MAX_WITNESS_VECTOR_MIB", default_value_t = proofmesh_worker::stream::DEFAULT_MAX_WITNESS_VECTOR_MIB,
           value_parser = clap::value_parser!(u64).range(1..))]
     max_witness_vector_mib: u64,
+    /// Testing only: a prover that hands in a wrong proof for every job (one byte of each proof
+    /// flipped), to show that the next round catches it (scheduler/tests/lying_prover.rs).
+    #[arg(long, hide = true)]
+    fault_wrong_proofs: bool,
     /// Provers: limits of the `Prover` server.
     #[command(flatten)]
     grpc: proofmesh_proto::GrpcLimits,
@@ -164,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
             draining: drain.clone(),
             max_witness_vector_bytes: args.max_witness_vector_mib << 20,
             check_pusher: tls.is_some(),
+            wrong_proofs: args.fault_wrong_proofs,
         };
         let router = args
             .grpc
@@ -188,7 +193,7 @@ async fn main() -> anyhow::Result<()> {
     let (client, leases) = LeaseClient::start(reg, stop.clone());
     report_loaded_setups(&setups, &client);
     let stage: Arc<dyn Stage> = match role {
-        Role::WitnessGenerator => Arc::new(wg::WitnessGenerator { artifacts }),
+        Role::WitnessGenerator => Arc::new(wg::WitnessGenerator { artifacts, setups }),
         _ => Arc::new(wvg::WitnessVectorGenerator { artifacts, setups, channels: Mutex::new(HashMap::new()), tls: args.tls.clone(), prover_tls_name: args.prover_tls_name.clone() }),
     };
     runner::run(client.clone(), leases, stage, drain, grace).await;

@@ -37,6 +37,8 @@ pub struct ProverService {
     /// TLS on: accept a push only from the WVG identity the scheduler announced for its lease
     /// (`ExpectWitnessVector`), checked from the header, before the bytes are read.
     pub check_pusher: bool,
+    /// Testing only (`--fault-wrong-proofs`): flip one byte of every proof before saving it.
+    pub wrong_proofs: bool,
 }
 
 /// How long a push waits for the scheduler's announcement of its lease (it is sent before the
@@ -76,7 +78,7 @@ impl v1::prover_server::Prover for ProverService {
                 Ok(c) => this.client.completed(c),
                 Err(e) => {
                     tracing::warn!(lease, "proving failed: {e}");
-                    this.client.failed(&lease, &e.message, e.retryable, e.handed_back);
+                    this.client.failed_with(&lease, &e);
                 }
             }
             this.client.unhold(&lease);
@@ -114,7 +116,12 @@ impl ProverService {
             return Err(JobError::fatal("witness vector without an output key"));
         }
         let setups = self.setups.clone();
-        let (proof, secs) = execute(move || prove(&setups, &*setups.store(version, geometry)?, key, &wv)).await?;
+        let (mut proof, secs) = execute(move || prove(&setups, &*setups.store(version, geometry)?, key, &wv)).await?;
+        if self.wrong_proofs {
+            let i = proof.len() / 2;
+            proof[i] ^= 0x01;
+            tracing::warn!(lease = header.lease_id, "fault injection: handing in a wrong proof");
+        }
         let bytes = proof.len() as u64;
         self.artifacts.put(&header.output_key, proof).await.map_err(|e| JobError::retry(e.to_string()))?;
         tracing::info!(

@@ -28,20 +28,28 @@ pub struct JobError {
     /// Not the job's failure: it could not be placed (the matched prover had no free slot or is
     /// draining). Reported as handed back: queued again, no attempt spent, matched anew.
     pub handed_back: bool,
+    /// Not the job's failure either: these inputs (indices into the lease's `input_keys`) are
+    /// proofs that do not verify; the scheduler has them proven again (`Failed.bad_inputs`).
+    pub bad_inputs: Vec<u32>,
 }
 
 impl JobError {
     /// A failure another attempt may not have.
     pub fn retry(message: impl Into<String>) -> Self {
-        JobError { message: message.into(), retryable: true, handed_back: false }
+        JobError { message: message.into(), retryable: true, handed_back: false, bad_inputs: vec![] }
     }
     /// A failure of the input itself.
     pub fn fatal(message: impl Into<String>) -> Self {
-        JobError { message: message.into(), retryable: false, handed_back: false }
+        JobError { message: message.into(), retryable: false, handed_back: false, bad_inputs: vec![] }
     }
     /// The job could not be placed where it was sent; it goes back to the queue as it was.
     pub fn hand_back(message: impl Into<String>) -> Self {
-        JobError { message: message.into(), retryable: true, handed_back: true }
+        JobError { message: message.into(), retryable: true, handed_back: true, bad_inputs: vec![] }
+    }
+    /// Input proofs `indices` (into the lease's `input_keys`) do not verify: their producers'
+    /// fault, not this job's.
+    pub fn bad_inputs(message: impl Into<String>, indices: Vec<u32>) -> Self {
+        JobError { message: message.into(), retryable: true, handed_back: false, bad_inputs: indices }
     }
 }
 
@@ -107,7 +115,7 @@ pub async fn run(
                 Ok(Outcome::HandedOff) => tracing::debug!(lease = lease.lease_id, "{span}: handed off"),
                 Err(e) => {
                     tracing::warn!(lease = lease.lease_id, retryable = e.retryable, "{span}: {e}");
-                    client.failed(&lease.lease_id, &e.message, e.retryable, e.handed_back);
+                    client.failed_with(&lease.lease_id, &e);
                 }
             }
             client.release(&lease.lease_id);

@@ -6,15 +6,18 @@ use std::sync::Arc;
 use proofmesh_core::{AggregationRound, ArtifactStore, BatchNumber, CircuitId};
 use proofmesh_proto::v1;
 
-use crate::execute::{witness_generation, WgJob};
+use crate::execute::{check_input_proofs, input_circuits, witness_generation, WgJob};
 use crate::runner::{execute, JobError, Outcome, Stage};
-use crate::setups::version_and_geometry;
+use crate::setups::{version_and_geometry, Setups};
 
-/// The witness-generation stage.
+/// The witness-generation stage. Before building on proofs (rounds 1 to 4), it checks each one
+/// natively against its circuit's verifier data (from `setups`: small files, no prover data).
 #[derive(Debug)]
 pub struct WitnessGenerator {
     /// Where inputs are read and circuit inputs written.
     pub artifacts: Arc<dyn ArtifactStore>,
+    /// Setup data, for the input proofs' verifier data.
+    pub setups: Arc<Setups>,
 }
 
 /// Reads every key in order. A missing artifact is retryable (a store hiccup), not the input's fault.
@@ -49,7 +52,15 @@ impl Stage for WitnessGenerator {
         };
         let inputs = read_all(self.artifacts.as_ref(), &lease.input_keys).await?;
         let depths = lease.input_depths.clone();
-        let (circuits, secs) = execute(move || witness_generation(wg, inputs, &depths)).await?;
+        let setups = self.setups.clone();
+        let (circuits, secs) = execute(move || {
+            let keys = input_circuits(&wg, inputs.len(), &depths)?;
+            if !keys.is_empty() {
+                check_input_proofs(&*setups.store(version, geometry)?, &keys, &inputs)?;
+            }
+            witness_generation(wg, inputs, &depths)
+        })
+        .await?;
         let mut bytes = 0u64;
         for (key, data) in circuits.inputs {
             bytes += data.len() as u64;

@@ -954,3 +954,112 @@ pub async fn foreign_leases(pool: &PgPool, leases: &[Uuid], identity: &str) -> R
     .fetch_all(pool)
     .await?)
 }
+
+/// What rejecting a job's input proofs did ([`reject_inputs`]).
+#[derive(Debug, Default)]
+pub struct Rejection {
+    /// The batch.
+    pub batch_number: i64,
+    /// The consuming job's labels (its lease ended, not counted).
+    pub job: JobLabels,
+    /// The input jobs queued again: `(job id, the rejected lease, who handed the proof in)`.
+    pub requeued: Vec<(i64, Option<Uuid>, Option<String>)>,
+    /// Worker names quarantined by these strikes.
+    pub quarantined: Vec<String>,
+}
+
+/// The next round found input proofs `bad` (indices into the inputs of the job leased under
+/// `lease`, in `job_inputs.position` order) that do not verify. In one transaction: each such
+/// input job that had succeeded is queued again (its lease's outcome becomes `rejected`), the
+/// worker name that completed it gets a strike (`strikes`), and a name with
+/// `quarantine_after` strikes is quarantined (`quarantined_workers`); the consuming job goes
+/// back to waiting for its inputs, its attempt not counted. `Ok(None)`: `lease` is not current.
+/// Errors: an index beyond the job's inputs (`DbError::Invalid`), database errors.
+pub async fn reject_inputs(pool: &PgPool, lease: Uuid, bad: &[u32], reason: &str, quarantine_after: i64) -> Result<Option<Rejection>, DbError> {
+    let mut tx = pool.begin().await?;
+    let job = sqlx::query_as::<_, (i64, i64, String, i16, i16)>(
+        "SELECT id, batch_number, kind, aggregation_round, circuit_id FROM jobs WHERE lease_id = $1 AND status = 'leased' FOR UPDATE",
+    )
+    .bind(lease)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((consumer, batch, kind, round, circuit_id)) = job else { return Ok(None) };
+    let inputs = sqlx::query_as::<_, (i64, String, Option<Uuid>, Option<String>)>(
+        "SELECT i.id, i.status, i.lease_id, i.leased_to FROM job_inputs ji JOIN jobs i ON i.id = ji.input_job_id
+         WHERE ji.job_id = $1 ORDER BY ji.position FOR UPDATE OF i",
+    )
+    .bind(consumer)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut out = Rejection { batch_number: batch, job: JobLabels { kind, round, circuit_id }, ..Rejection::default() };
+    for &i in bad {
+        let (input, status, input_lease, holder) = inputs
+            .get(i as usize)
+            .ok_or_else(|| DbError::Invalid(format!("bad input {i}: job {consumer} has {} inputs", inputs.len())))?;
+        if status != "succeeded" {
+            continue; // already being proven again
+        }
+        sqlx::query(
+            "UPDATE jobs SET status = 'queued', queued_at = now(), finished_at = NULL, lease_id = NULL, leased_to = NULL, error = $2
+             WHERE id = $1",
+        )
+        .bind(input)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE leases SET outcome = 'rejected', error = $2 WHERE lease_id = $1").bind(input_lease).bind(reason).execute(&mut *tx).await?;
+        let who: Option<(String, Option<String>)> =
+            sqlx::query_as("SELECT name, identity FROM workers WHERE id = $1").bind(holder).fetch_optional(&mut *tx).await?;
+        if let (Some((name, identity)), Some(input_lease)) = (&who, input_lease) {
+            sqlx::query("INSERT INTO strikes (worker_name, identity, job_id, lease_id, reason) VALUES ($1, $2, $3, $4, $5)")
+                .bind(name)
+                .bind(identity)
+                .bind(input)
+                .bind(input_lease)
+                .bind(reason)
+                .execute(&mut *tx)
+                .await?;
+            let quarantined: Option<String> = sqlx::query_scalar(
+                "INSERT INTO quarantined_workers (worker_name, reason)
+                 SELECT $1, $2 WHERE (SELECT count(*) FROM strikes WHERE worker_name = $1) >= $3
+                 ON CONFLICT DO NOTHING RETURNING worker_name",
+            )
+            .bind(name)
+            .bind(format!("proofs that did not verify; the last: {reason}"))
+            .bind(quarantine_after)
+            .fetch_optional(&mut *tx)
+            .await?;
+            out.quarantined.extend(quarantined);
+        }
+        out.requeued.push((*input, *input_lease, who.map(|(name, _)| name)));
+    }
+    sqlx::query(
+        "UPDATE jobs SET status = 'waiting', attempts = attempts - 1, lease_id = NULL, leased_to = NULL, lease_deadline = NULL, error = $2
+         WHERE id = $1",
+    )
+    .bind(consumer)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE leases SET outcome = 'failed', ended_at = now(), error = $2 WHERE lease_id = $1").bind(lease).bind(reason).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(Some(out))
+}
+
+/// Whether worker name `name` is quarantined.
+pub async fn is_quarantined(pool: &PgPool, name: &str) -> Result<bool, DbError> {
+    Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM quarantined_workers WHERE worker_name = $1)").bind(name).fetch_one(pool).await?)
+}
+
+/// Lifts `name`'s quarantine. Returns whether it was quarantined.
+pub async fn release_worker(pool: &PgPool, name: &str) -> Result<bool, DbError> {
+    Ok(sqlx::query("DELETE FROM quarantined_workers WHERE worker_name = $1").bind(name).execute(pool).await?.rows_affected() > 0)
+}
+
+/// Strikes per worker name, for `names`.
+pub async fn strikes(pool: &PgPool, names: &[String]) -> Result<Vec<(String, i64)>, DbError> {
+    Ok(sqlx::query_as("SELECT worker_name, count(*) FROM strikes WHERE worker_name = ANY($1) GROUP BY worker_name")
+        .bind(names)
+        .fetch_all(pool)
+        .await?)
+}

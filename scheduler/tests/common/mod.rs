@@ -64,6 +64,7 @@ pub fn settings() -> Settings {
         grpc: Default::default(),
         tls: Default::default(),
         access: Default::default(),
+        quarantine_after_strikes: 1,
     }
 }
 
@@ -124,7 +125,7 @@ impl RawWorker {
     }
 
     pub fn fail(&self, lease_id: &str, retryable: bool) {
-        let f = v1::Failed { lease_id: lease_id.into(), error: "test failure".into(), retryable, handed_back: false };
+        let f = v1::Failed { lease_id: lease_id.into(), error: "test failure".into(), retryable, handed_back: false, bad_inputs: vec![] };
         self.tx.send(msg(worker_message::Msg::Failed(f))).unwrap();
     }
 
