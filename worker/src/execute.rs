@@ -71,12 +71,10 @@ pub fn witness_generation(job: WgJob, inputs: Vec<Vec<u8>>, depths: &[u32]) -> R
             }
         }
         AggregationRound::LeafAggregation | AggregationRound::NodeAggregation => {
-            let t = BasicCircuit::from_id(job.circuit_id)
-                .ok_or_else(|| JobError::fatal(format!("no basic circuit type {}", job.circuit_id)))?;
-            let (inner, fan_in) = match (job.round, job.depth) {
-                (AggregationRound::LeafAggregation, _) => (CircuitKey::Basic(t), job.geometry.leaf_fan_in),
-                (_, 0) => (CircuitKey::Leaf(t), job.geometry.node_fan_in),
-                (_, d) => (CircuitKey::Node(t, d - 1), job.geometry.node_fan_in),
+            let inner = aggregated_circuit(&job)?;
+            let fan_in = match job.round {
+                AggregationRound::LeafAggregation => job.geometry.leaf_fan_in,
+                _ => job.geometry.node_fan_in,
             };
             if inputs.is_empty() {
                 return Err(JobError::fatal("aggregation without inputs"));
@@ -109,19 +107,28 @@ pub fn witness_generation(job: WgJob, inputs: Vec<Vec<u8>>, depths: &[u32]) -> R
 /// for round 0 (its input is the batch file). `depths`: the recursion tip's node depth per type.
 /// Errors (not retryable): an unknown circuit type, or depths that do not match the inputs.
 pub fn input_circuits(job: &WgJob, n: usize, depths: &[u32]) -> Result<Vec<CircuitKey>, JobError> {
-    let t = || BasicCircuit::from_id(job.circuit_id).ok_or_else(|| JobError::fatal(format!("no basic circuit type {}", job.circuit_id)));
-    Ok(match (job.round, job.depth) {
-        (AggregationRound::BasicCircuits, _) => vec![],
-        (AggregationRound::LeafAggregation, _) => vec![CircuitKey::Basic(t()?); n],
-        (AggregationRound::NodeAggregation, 0) => vec![CircuitKey::Leaf(t()?); n],
-        (AggregationRound::NodeAggregation, d) => vec![CircuitKey::Node(t()?, d - 1); n],
-        (AggregationRound::RecursionTip, _) => {
+    Ok(match job.round {
+        AggregationRound::BasicCircuits => vec![],
+        AggregationRound::LeafAggregation | AggregationRound::NodeAggregation => vec![aggregated_circuit(job)?; n],
+        AggregationRound::RecursionTip => {
             if depths.len() != n || n != BasicCircuit::ALL.len() {
                 return Err(JobError::fatal(format!("the recursion tip takes {} node proofs", BasicCircuit::ALL.len())));
             }
             BasicCircuit::ALL.iter().zip(depths).map(|(t, d)| CircuitKey::Node(*t, *d as u8)).collect()
         }
-        (AggregationRound::Scheduler, _) => vec![CircuitKey::RecursionTip; n],
+        AggregationRound::Scheduler => vec![CircuitKey::RecursionTip; n],
+    })
+}
+
+/// The circuit whose proofs a leaf or node job aggregates: basic proofs for a leaf, leaf proofs
+/// at node depth 0, node proofs of depth `d - 1` at depth `d`. Errors (not retryable): an
+/// unknown circuit type.
+fn aggregated_circuit(job: &WgJob) -> Result<CircuitKey, JobError> {
+    let t = BasicCircuit::from_id(job.circuit_id).ok_or_else(|| JobError::fatal(format!("no basic circuit type {}", job.circuit_id)))?;
+    Ok(match (job.round, job.depth) {
+        (AggregationRound::LeafAggregation, _) => CircuitKey::Basic(t),
+        (_, 0) => CircuitKey::Leaf(t),
+        (_, d) => CircuitKey::Node(t, d - 1),
     })
 }
 
