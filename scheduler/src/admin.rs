@@ -73,7 +73,10 @@ impl AdminService {
     }
 }
 
-const STATUSES: [&str; 5] = ["waiting", "queued", "leased", "succeeded", "failed"];
+const STATUSES: [&str; 5] = {
+    use crate::job_state::JobStatus as S;
+    [S::Waiting.as_str(), S::Queued.as_str(), S::Leased.as_str(), S::Succeeded.as_str(), S::Failed.as_str()]
+};
 
 fn ms(v: Option<i64>) -> u64 {
     v.unwrap_or(0).max(0) as u64
@@ -268,11 +271,9 @@ impl AdminService {
             Requeue::NotLeased(status) => {
                 return Err(Status::failed_precondition(format!("job {id} is {status}: only a leased job can be requeued")))
             }
-            Requeue::Requeued((lease, holder), batch) => {
-                tracing::warn!(job = id, %lease, holder = holder.as_deref().unwrap_or(""), "admin: {reason}");
-                self.shared.take_away(lease, holder.as_deref(), &reason);
-                self.shared.batch_changed(batch);
-                self.shared.wake_dispatcher();
+            Requeue::Requeued(taken, batch) => {
+                tracing::warn!(job = id, lease = %taken.lease_id, holder = taken.holder.as_deref().unwrap_or(""), "admin: {reason}");
+                self.shared.apply(taken.end(batch, &reason));
             }
         }
         let job = db::job(&self.shared.pool, id).await.map_err(internal)?.ok_or_else(|| Status::not_found(format!("no job {id}")))?;
@@ -290,11 +291,10 @@ impl AdminService {
             )));
         };
         tracing::warn!(batch = number, leases_revoked = taken.len(), "admin: {error}");
-        for (lease, holder) in taken {
-            self.shared.take_away(lease, holder.as_deref(), &error);
+        for t in &taken {
+            self.shared.apply(t.end(number, &error));
         }
         self.shared.batch_changed(number);
-        self.shared.wake_dispatcher();
         self.status(number).await
     }
 

@@ -10,6 +10,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::job_state::BatchStatus;
 use crate::db::{self, BatchRow, DbError};
 use crate::graph::COMPRESSION_ROUND;
 use crate::state::Shared;
@@ -51,9 +52,9 @@ pub async fn batch_status(shared: &Shared, number: i64) -> Result<Option<v1::Bat
 
 /// A batch row and its rounds as `BatchStatus`.
 pub fn to_status(row: BatchRow, rounds: Vec<db::RoundRow>) -> v1::BatchStatus {
-    let state = match row.status.as_str() {
-        "proven" => v1::BatchState::Proven,
-        "failed" => v1::BatchState::Failed,
+    let state = match BatchStatus::parse(&row.status) {
+        Some(BatchStatus::Proven) => v1::BatchState::Proven,
+        Some(BatchStatus::Failed) => v1::BatchState::Failed,
         _ => v1::BatchState::Proving,
     };
     // Every round is listed, with zero totals before the batch's job graph exists.
@@ -169,7 +170,7 @@ impl v1::batches_server::Batches for BatchService {
             .await
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("batch {number} was never submitted")))?;
-        let Some(key) = row.proof_key.filter(|_| row.status == "proven") else {
+        let Some(key) = row.proof_key.filter(|_| row.status == BatchStatus::Proven.as_str()) else {
             return Err(Status::failed_precondition(format!("batch {number} is {}, not proven", row.status)));
         };
         let proof = self.shared.artifacts.get(&key).await.map_err(|e| match e {

@@ -1,21 +1,40 @@
 //! The dispatcher: one task that hands queued jobs to workers with credits, over their `Work`
 //! streams, as soon as both exist. It sleeps on [`Shared::wake`] and never polls the database:
 //! everything that can make a lease possible (a job queued, a credit, a freed prover slot, a new
-//! worker) wakes it. One task means leases go out one SQL statement at a time, in priority order.
+//! worker) wakes it.
+//!
+//! Each wake-up runs set-based passes (ARCHITECTURE.md, "Dispatch"):
+//! 1. the classes of queued work (`db::queued_classes`: kind, round, circuit id, protocol
+//!    version), read again only when the job state changed ([`Shared::take_queue_changed`]);
+//! 2. every ready worker matched in memory against them (kind, versions, prover group; a WVG
+//!    also needs a free compatible prover): a worker with nothing eligible costs no SQL;
+//! 3. one lease statement per matched worker, naming its eligible classes, all in one
+//!    transaction (at most [`MAX_LEASES_PER_COMMIT`]): one durable commit for the pass;
+//! 4. after the commit, the leases are sent. A statement that finds nothing for a worker no
+//!    budget binds proves its classes empty, so the workers after it that want only those
+//!    classes cost nothing either.
+//!
+//! Passes repeat (one lease per worker per pass, so workers share the queue fairly) until one
+//! grants nothing.
 
 use std::sync::Arc;
 
 use proofmesh_proto::v1::{self, scheduler_message, Role};
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{self, LeasedJob};
+use crate::db::{self, LeasedJob, QueuedClass};
 use crate::graph::JobKind;
 use crate::state::Shared;
 
+/// Leases granted in one transaction at most: a pass over a large ready fleet commits (and
+/// sends) in chunks of this many, so the first leases do not wait for the last statement.
+pub const MAX_LEASES_PER_COMMIT: usize = 64;
+
 /// Runs until `cancel`.
 pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut classes: Vec<QueuedClass> = vec![];
     loop {
-        if let Err(e) = dispatch_all(&shared).await {
+        if let Err(e) = dispatch_all(&shared, &mut classes).await {
             tracing::error!("dispatch: {e}");
             // A database error: try again on the next wake-up (or shortly, so nothing stalls).
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -38,16 +57,15 @@ fn kind_of(role: Role) -> Option<JobKind> {
     }
 }
 
-/// Leases until no worker with credits finds a job: one lease per worker per pass, so workers
-/// share the queue fairly.
-async fn dispatch_all(shared: &Shared) -> Result<(), db::DbError> {
+/// Passes until one grants nothing. `classes` are the queued classes known from an earlier
+/// wake-up; they are read again first if the job state changed since.
+async fn dispatch_all(shared: &Shared, classes: &mut Vec<QueuedClass>) -> Result<(), db::DbError> {
     loop {
-        let mut leased_any = false;
-        let ready = shared.registry().ready();
-        for worker in ready {
-            leased_any |= dispatch_one(shared, &worker).await?;
+        if shared.take_queue_changed() {
+            let mut conn = shared.pool.acquire().await?;
+            *classes = db::queued_classes(&mut conn).await?;
         }
-        if !leased_any {
+        if classes.is_empty() || pass(shared, classes).await? == 0 {
             return Ok(());
         }
     }
@@ -122,43 +140,131 @@ fn ask_for(shared: &Shared, worker: &str) -> Option<Ask> {
     Some(ask)
 }
 
-/// Tries to lease one job to `worker`. Returns whether it did.
-async fn dispatch_one(shared: &Shared, worker: &str) -> Result<bool, db::DbError> {
-    // Decide under the lock what to ask for; never hold it across the database call.
-    let Some(ask) = ask_for(shared, worker) else { return Ok(false) };
-    let policy = &shared.settings.policy;
-    let request = db::LeaseAsk {
-        kind: ask.kind,
-        worker,
-        versions: &ask.versions,
-        pairs: &ask.pairs,
-        lease_secs: shared.settings.lease_secs,
-        warm: &ask.warm,
-        warm_own: &ask.warm_own,
-        budget_mib: ask.budget_mib,
-        prover_budget_mib: ask.prover.as_ref().map_or(0, |p| p.budget_mib),
-        prover_leases: ask.prover.as_ref().map_or(&[], |p| &p.slot_leases),
-        reserve_after_secs: policy.reserve_after_secs,
-        identity: ask.identity.as_deref(),
-        prover_identity: ask.prover.as_ref().and_then(|p| p.identity.as_deref()),
-    };
-    let Some(job) = db::lease(&shared.pool, &request).await? else {
-        return Ok(false);
-    };
-    let kind = ask.kind;
-    let prover = ask.prover;
-    let inputs = match kind {
-        JobKind::WitnessGeneration if job.job.aggregation_round > 0 => db::input_artifacts(&shared.pool, job.id).await?,
-        _ => job.input_key.clone().map(|k| vec![(k, 0)]).unwrap_or_default(),
-    };
+/// A lease granted in the pass's transaction, not yet committed or sent.
+struct Grant {
+    worker: String,
+    job: LeasedJob,
+    inputs: Vec<(String, i16)>,
+    prover: Option<MatchedProver>,
+    identity: Option<String>,
+}
+
+/// One pass: every ready worker with an eligible class gets at most one lease. Returns how many
+/// were granted (and sent or put back).
+async fn pass(shared: &Shared, classes: &mut Vec<QueuedClass>) -> Result<usize, db::DbError> {
+    let ready = shared.registry().ready();
+    let mut granted = 0;
+    let mut workers = ready.iter();
+    loop {
+        let mut grants = vec![];
+        let chunk = grant_chunk(shared, classes, &mut workers, &mut grants).await;
+        // A failed statement or commit: the leases of the chunk do not exist; give back what
+        // was held for them in memory.
+        if let Err(e) = chunk {
+            undo(shared, &grants);
+            return Err(e);
+        }
+        if grants.is_empty() {
+            return Ok(granted);
+        }
+        granted += grants.len();
+        for grant in grants {
+            send(shared, grant).await?;
+        }
+        shared.deadlines.notify_one();
+    }
+}
+
+/// Grants leases to the next workers of `workers` in one transaction, until
+/// [`MAX_LEASES_PER_COMMIT`] or the end of the list; commits. Each grant holds its prover slot
+/// and a credit in the registry at once, so the next worker's match sees them.
+async fn grant_chunk(
+    shared: &Shared,
+    classes: &mut Vec<QueuedClass>,
+    workers: &mut std::slice::Iter<'_, String>,
+    grants: &mut Vec<Grant>,
+) -> Result<(), db::DbError> {
+    let mut tx = None;
+    for worker in workers.by_ref() {
+        let Some(ask) = ask_for(shared, worker) else { continue };
+        let eligible = db::eligible(classes, ask.kind, &ask.versions, &ask.pairs);
+        if eligible.is_empty() {
+            continue;
+        }
+        let tx = match &mut tx {
+            Some(tx) => tx,
+            None => tx.insert(shared.pool.begin().await?),
+        };
+        let policy = &shared.settings.policy;
+        let request = db::LeaseAsk {
+            kind: ask.kind,
+            worker,
+            versions: &ask.versions,
+            pairs: &ask.pairs,
+            lease_secs: shared.settings.lease_secs,
+            warm: &ask.warm,
+            warm_own: &ask.warm_own,
+            budget_mib: ask.budget_mib,
+            prover_budget_mib: ask.prover.as_ref().map_or(0, |p| p.budget_mib),
+            prover_leases: ask.prover.as_ref().map_or(&[], |p| &p.slot_leases),
+            reserve_after_secs: policy.reserve_after_secs,
+            identity: ask.identity.as_deref(),
+            prover_identity: ask.prover.as_ref().and_then(|p| p.identity.as_deref()),
+        };
+        let Some(job) = db::lease_in(tx, &request, &eligible).await? else {
+            if request.unbudgeted() {
+                // Nothing of these classes is queued: no later worker needs to ask for them.
+                classes.retain(|c| !eligible.contains(c));
+            }
+            continue;
+        };
+        let inputs = match ask.kind {
+            JobKind::WitnessGeneration if job.job.aggregation_round > 0 => db::input_artifacts(tx, job.id).await?,
+            _ => job.input_key.clone().map(|k| vec![(k, 0)]).unwrap_or_default(),
+        };
+        {
+            let mut reg = shared.registry();
+            if let Some(p) = &ask.prover {
+                reg.hold_slot(&p.id, job.lease_id);
+            }
+            if let Some(conn) = reg.get_mut(worker) {
+                conn.credits = conn.credits.saturating_sub(1);
+            }
+        }
+        grants.push(Grant { worker: worker.clone(), job, inputs, prover: ask.prover, identity: ask.identity });
+        if grants.len() >= MAX_LEASES_PER_COMMIT {
+            break;
+        }
+    }
+    if let Some(tx) = tx {
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+/// Gives back what the registry held for grants whose transaction failed.
+fn undo(shared: &Shared, grants: &[Grant]) {
+    let mut reg = shared.registry();
+    for g in grants {
+        reg.free_slot(g.job.lease_id);
+        if let Some(conn) = reg.get_mut(&g.worker) {
+            conn.credits = conn.credits.saturating_add(1);
+        }
+    }
+}
+
+/// Sends a committed lease to its worker (and, TLS on, tells the matched prover whose witness
+/// vector to accept); a worker that left meanwhile gets nothing and the lease goes back to the
+/// queue, its attempt not counted.
+async fn send(shared: &Shared, grant: Grant) -> Result<(), db::DbError> {
+    let Grant { worker, job, inputs, prover, identity } = grant;
     let mut lease = lease_message(&job, inputs);
     let sent = {
-        let mut reg = shared.registry();
+        let reg = shared.registry();
         if let Some(p) = &prover {
             lease.prover_endpoint = p.endpoint.clone();
             lease.prover_worker_id = p.id.clone();
-            reg.hold_slot(&p.id, job.lease_id);
-            if let (Some(wvg), Some(conn)) = (&ask.identity, reg.get(&p.id)) {
+            if let (Some(wvg), Some(conn)) = (&identity, reg.get(&p.id)) {
                 // TLS on: the prover accepts this witness vector from the WVG's identity only.
                 // Sent before the lease, on the prover's own stream; if it is lost the push is
                 // refused and the WVG reports a retryable failure.
@@ -166,26 +272,20 @@ async fn dispatch_one(shared: &Shared, worker: &str) -> Result<bool, db::DbError
                 let _ = conn.outbox.try_send(Ok(v1::SchedulerMessage { msg: Some(scheduler_message::Msg::ExpectWitnessVector(expect)) }));
             }
         }
-        match reg.get_mut(worker) {
-            Some(conn) if conn.credits > 0 => {
-                conn.credits -= 1;
-                let msg = v1::SchedulerMessage { msg: Some(scheduler_message::Msg::Lease(lease)) };
-                conn.outbox.try_send(Ok(msg)).is_ok()
-            }
-            _ => false,
-        }
+        let msg = v1::SchedulerMessage { msg: Some(scheduler_message::Msg::Lease(lease)) };
+        reg.get(&worker).is_some_and(|conn| conn.outbox.try_send(Ok(msg)).is_ok())
     };
     if !sent {
-        // The worker left (or its stream is full) between picking and sending: put it back.
+        // The worker left (or its stream is full) between the grant and the send: put it back.
         shared.registry().free_slot(job.lease_id);
         db::unlease(&shared.pool, job.lease_id).await?;
-        return Ok(false);
+        shared.wake_dispatcher();
+        return Ok(());
     }
     tracing::debug!(worker, job = job.id, lease = %job.lease_id, "leased");
     crate::telemetry::leased(&job.job.kind, job.waited_secs);
-    shared.deadlines.notify_one();
     shared.batch_changed(job.job.batch_number);
-    Ok(true)
+    Ok(())
 }
 
 /// The `Lease` message for a leased job.

@@ -2,7 +2,8 @@
 //! deadline may have moved earlier: a lease granted, a worker's stream ended) and then ends every
 //! lease past its deadline. A job whose lease expired is queued again with one more attempt, or
 //! fails with its batch past `max_attempts` (DESIGN.md section 4). Deadlines live in PostgreSQL,
-//! so a restarted scheduler expires what its predecessor leased.
+//! so a restarted scheduler expires what its predecessor leased. When PostgreSQL first answers,
+//! it also marks its predecessor's connections ended (`db::end_old_connections`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,16 +11,23 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{self, DbError, EndReason};
-use crate::state::Shared;
+use crate::job_state::LeaseOutcome;
+use crate::state::{LeaseEnd, Shared};
 
 /// Longest sleep with no lease outstanding; a granted lease wakes the timer anyway.
 const IDLE: Duration = Duration::from_secs(3600);
 
 /// Runs until `cancel`.
 pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut predecessor_ended = false;
     loop {
         // Registered before reading the deadline, so a lease granted meanwhile is not missed.
         let moved = shared.deadlines.notified();
+        if !predecessor_ended {
+            // Once, when PostgreSQL first answers: the predecessor's connections are gone.
+            let current = shared.registry().ids();
+            predecessor_ended = db::end_old_connections(&shared.pool, &current).await.is_ok();
+        }
         let wait = match expire_due(&shared).await.and(db::next_deadline_secs(&shared.pool).await) {
             Ok(Some(secs)) => Duration::from_secs_f64(secs.max(0.0)) + Duration::from_millis(5),
             Ok(None) => IDLE,
@@ -54,10 +62,13 @@ async fn expire_due(shared: &Shared) -> Result<(), DbError> {
             Err(e) => return Err(e),
         };
         tracing::warn!(%lease, holder = ended.holder.as_deref().unwrap_or(""), job_failed = ended.job_failed, "{reason}");
-        crate::telemetry::lease_ended(&ended.job, "expired");
-        shared.take_away(lease, ended.holder.as_deref(), &reason);
-        shared.batch_changed(ended.batch_number);
+        shared.apply(LeaseEnd {
+            outcome: LeaseOutcome::Expired,
+            lease: Some(lease),
+            job: &ended.job,
+            batch: ended.batch_number,
+            taken_from: Some((ended.holder.as_deref(), &reason)),
+        });
     }
-    shared.wake_dispatcher();
     Ok(())
 }

@@ -10,7 +10,7 @@
 use proofmesh_core::{keys, AggregationRound, BatchNumber, CircuitId, Geometry, GeometryError};
 
 /// What a job does, as stored in `jobs.kind`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum JobKind {
     /// Builds the inputs of a round's circuits (role witness-generator).
     WitnessGeneration,

@@ -3,11 +3,14 @@
 //! workers over their `Scheduler.Work` streams as soon as work exists.
 //!
 //! - [`graph`]: the jobs of a batch and their dependencies, from the geometry.
+//! - [`job_state`]: the job, lease and batch states and every transition (no I/O).
 //! - [`db`]: every SQL statement (compare-and-set transitions, leasing with `SKIP LOCKED`).
 //! - [`registry`]: the connected workers, their credits and prover slots; zone matching.
 //! - [`groups`]: prover groups (which `(aggregation_round, circuit_id)` pairs a worker takes).
 //! - [`dispatch`]: the task that turns queued jobs and credits into leases.
+//! - [`completions`]: records the completions that arrive together in one transaction.
 //! - [`expiry`]: the timer that ends leases past their deadline.
+//! - [`liveness`]: records the connections heard from, once per heartbeat interval.
 //! - [`readiness`]: `grpc.health.v1` statuses from PostgreSQL's reachability.
 //! - [`telemetry`]: the scheduler's Prometheus metrics (queue depth from the database).
 //! - [`work`], [`batches`], [`admin`]: the gRPC services; [`access`]: who may call what.
@@ -15,12 +18,15 @@
 pub mod access;
 pub mod admin;
 pub mod batches;
+pub mod completions;
 pub mod db;
 pub mod dispatch;
 pub mod expiry;
 pub mod graph;
 pub mod groups;
 pub mod housekeeper;
+pub mod job_state;
+pub mod liveness;
 pub mod readiness;
 pub mod registry;
 pub mod state;
@@ -53,6 +59,14 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateEr
     Ok(())
 }
 
+/// The options the scheduler connects to PostgreSQL at `url` with: every transaction READ
+/// COMMITTED whatever the server's or role's default, because the job state's rules rely on it
+/// (an `UPDATE` that waited for a row re-evaluates on its newest version: the readiness counter,
+/// the claim of a result). Errors: `url` is not a PostgreSQL URL.
+pub fn connect_options(url: &str) -> Result<sqlx::postgres::PgConnectOptions, sqlx::Error> {
+    Ok(url.parse::<sqlx::postgres::PgConnectOptions>()?.options([("default_transaction_isolation", "read committed")]))
+}
+
 /// Serves `Scheduler`, `Batches`, `Admin`, reflection and health on `listener` and runs the
 /// dispatcher and the lease-expiry timer, until `cancel`. On `cancel` it stops leasing, ends every
 /// worker stream (workers reconnect to the next scheduler and re-attach their leases) and leaves
@@ -67,6 +81,7 @@ pub async fn serve(
     let tls = shared.settings.tls.server()?;
     let dispatcher = tokio::spawn(dispatch::run(shared.clone(), cancel.clone()));
     let expiry = tokio::spawn(expiry::run(shared.clone(), cancel.clone()));
+    let completions = tokio::spawn(completions::run(shared.clone(), cancel.clone()));
     let limits = &shared.settings.grpc;
     let max = limits.max_message_bytes();
     let router = limits
@@ -81,6 +96,7 @@ pub async fn serve(
     readiness::not_serving(&health).await;
     let readiness = tokio::spawn(readiness::run(shared.clone(), health, cancel.clone()));
     let gauges = tokio::spawn(telemetry::run(shared.clone(), cancel.clone()));
+    let liveness = tokio::spawn(liveness::run(shared.clone(), cancel.clone()));
     let housekeeper = shared.settings.housekeeping.map(|h| {
         let interval = std::time::Duration::from_secs_f64(h.interval_secs.max(0.01));
         tokio::spawn(housekeeper::run(shared.clone(), h.retention_secs, interval, cancel.clone()))
@@ -89,8 +105,10 @@ pub async fn serve(
     router.serve_with_incoming_shutdown(incoming, cancel.cancelled_owned()).await?;
     dispatcher.await?;
     expiry.await?;
+    completions.await?;
     readiness.await?;
     gauges.await?;
+    liveness.await?;
     if let Some(h) = housekeeper {
         h.await?;
     }

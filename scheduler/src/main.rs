@@ -133,7 +133,7 @@ async fn main() -> anyhow::Result<()> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(args.database_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(&url)
+        .connect_with(proofmesh_scheduler::connect_options(&url).context("the database URL")?)
         .await
         .context("connecting to PostgreSQL")?;
     proofmesh_scheduler::migrate(&pool).await.context("applying migrations")?;

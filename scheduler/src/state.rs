@@ -1,6 +1,7 @@
 //! What every part of the scheduler shares: the database pool, the settings, the connected
 //! workers, and the two wake-up signals (work may be leasable; a batch changed).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use proofmesh_core::{ArtifactStore, Geometry};
@@ -120,6 +121,14 @@ pub struct Shared {
     /// Woken whenever work may have become leasable: a job queued, a credit granted, a prover
     /// slot freed, a worker connected. The dispatcher never polls.
     pub wake: Notify,
+    /// Set with every wake-up that may have queued a job ([`Shared::wake_dispatcher`]): the
+    /// dispatcher then reads the queued classes again before its next pass; a wake-up for
+    /// capacity alone ([`Shared::wake_for_capacity`]) reuses the classes it knows.
+    pub queue_changed: AtomicBool,
+    /// Completed reports on their way to the batcher ([`crate::completions`]).
+    pub completions: crate::completions::Completions,
+    /// Connections heard from (heartbeats) since [`crate::liveness`] last recorded them.
+    pub heard: Mutex<std::collections::HashSet<String>>,
     /// Batch numbers whose state or progress changed (for `WatchBatch`).
     pub batch_events: broadcast::Sender<i64>,
     /// Where final proofs are read for `GetProof`.
@@ -137,6 +146,9 @@ impl Shared {
             settings,
             registry: Mutex::default(),
             wake: Notify::new(),
+            queue_changed: AtomicBool::new(true),
+            heard: Mutex::default(),
+            completions: Default::default(),
             batch_events: broadcast::channel(1024).0,
             artifacts,
             deadlines: Notify::new(),
@@ -148,9 +160,50 @@ impl Shared {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Tells the dispatcher to look for leasable work.
+    /// Tells the dispatcher to look for leasable work: the job state changed (a job may have
+    /// been queued), so it reads the queued classes again. When in doubt, this one.
     pub fn wake_dispatcher(&self) {
+        self.queue_changed.store(true, Ordering::SeqCst);
         self.wake.notify_one();
+    }
+
+    /// Tells the dispatcher that workers can take more (a credit, a registration, a freed
+    /// prover slot) while the queue did not change: it matches them against the classes it knows.
+    pub fn wake_for_capacity(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Notes a heartbeat of connection `id` (recorded in `workers.last_seen` by [`crate::liveness`]).
+    pub fn heard_from(&self, id: &str) {
+        let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        if !heard.contains(id) {
+            heard.insert(id.to_string());
+        }
+    }
+
+    /// Whether a job may have been queued since the last call (clears the flag).
+    pub fn take_queue_changed(&self) -> bool {
+        self.queue_changed.swap(false, Ordering::SeqCst)
+    }
+
+    /// Applies a lease's end outside the database, the same way for every caller (reports,
+    /// expiry, operators, late results, rejected proofs): counts it in `proofmesh_jobs_total`
+    /// with its outcome; frees its prover slot, or, when it was taken away from a holder that
+    /// did not report ([`LeaseEnd::taken_from`]), revokes it there ([`Shared::take_away`]);
+    /// tells `WatchBatch` streams; wakes the dispatcher (the job may be queued again, a slot
+    /// or a credit is free).
+    pub fn apply(&self, end: LeaseEnd<'_>) {
+        crate::telemetry::lease_ended(end.job, end.outcome.as_str());
+        if let Some(lease) = end.lease {
+            match end.taken_from {
+                Some((holder, reason)) => self.take_away(lease, holder, reason),
+                None => {
+                    self.registry().free_slot(lease);
+                }
+            }
+        }
+        self.batch_changed(end.batch);
+        self.wake_dispatcher();
     }
 
     /// A lease ended without its holder reporting (expired, superseded by a late result,
@@ -176,4 +229,20 @@ impl Shared {
     pub fn batch_changed(&self, batch: i64) {
         let _ = self.batch_events.send(batch);
     }
+}
+
+/// A lease that ended, as [`Shared::apply`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseEnd<'a> {
+    /// How it ended (the metric's `outcome` label; the same as `leases.outcome`).
+    pub outcome: crate::job_state::LeaseOutcome,
+    /// The lease (`None`: a job that had none recorded).
+    pub lease: Option<uuid::Uuid>,
+    /// Its job's labels.
+    pub job: &'a crate::db::JobLabels,
+    /// Its job's batch.
+    pub batch: i64,
+    /// `Some((holder connection, reason))` when it was taken away from a holder that did not
+    /// report it (expired, superseded, requeued, cancelled): the holder gets `Revoke`.
+    pub taken_from: Option<(Option<&'a str>, &'a str)>,
 }

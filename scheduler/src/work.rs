@@ -20,7 +20,8 @@ use uuid::Uuid;
 use crate::batches::internal;
 use crate::db::{self, DbError, EndReason};
 use crate::registry::{Conn, Outbox};
-use crate::state::Shared;
+use crate::job_state::LeaseOutcome;
+use crate::state::{LeaseEnd, Shared};
 
 /// The `Scheduler` service.
 #[derive(Debug, Clone)]
@@ -163,7 +164,7 @@ impl v1::scheduler_server::Scheduler for WorkService {
             tracing::info!(worker = %id, reattached = held.len() - stale.len(), revoked = stale.len(), "leases re-attached");
         }
         tracing::info!(worker = %id, name, role = role_name(role), zone = reg.zone, host = reg.host, identity = identity.as_deref().unwrap_or(""), "registered");
-        self.shared.wake_dispatcher();
+        self.shared.wake_for_capacity();
 
         let (shared, shutdown) = (self.shared.clone(), self.shutdown.clone());
         tokio::spawn(async move {
@@ -183,7 +184,7 @@ impl v1::scheduler_server::Scheduler for WorkService {
                 }
             }
             tracing::info!(worker = %id, "disconnected: {end}");
-            shared.wake_dispatcher();
+            shared.wake_for_capacity();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -202,11 +203,12 @@ async fn renew(shared: &Shared, id: &str, identity: Option<&str>, leases: &[Uuid
     }
     let leases: Vec<Uuid> = leases.iter().copied().filter(|l| !foreign.contains(l)).collect();
     let leases = &leases[..];
-    let (take_over, connected) = {
-        let registry = shared.registry();
-        (registry.get(id).is_some_and(|c| c.role == Role::Prover), registry.ids())
-    };
-    let stale = db::renew(&shared.pool, id, leases, shared.settings.lease_secs, take_over, &connected).await?;
+    if leases.is_empty() {
+        // An idle worker's heartbeat costs no statement of its own (crate::liveness).
+        return Ok(foreign);
+    }
+    let take_over = shared.registry().get(id).is_some_and(|c| c.role == Role::Prover);
+    let stale = db::renew(&shared.pool, id, leases, shared.settings.lease_secs, take_over).await?;
     if take_over {
         // A prover's heartbeat names the witness vectors it is proving: each holds one of its
         // slots, whatever the registry believed (it is rebuilt after a scheduler restart).
@@ -245,12 +247,13 @@ async fn serve_worker(
                 if let Some(conn) = shared.registry().get_mut(id).filter(|c| !c.draining) {
                     conn.credits = conn.credits.saturating_add(c.n);
                 }
-                shared.wake_dispatcher();
+                shared.wake_for_capacity();
             }
             Some(worker_message::Msg::Heartbeat(h)) => {
                 if let Some(conn) = shared.registry().get_mut(id) {
                     conn.loaded_setups = crate::groups::pack_all(&h.loaded_setups);
                 }
+                shared.heard_from(id);
                 // A missed renewal is made good by the next heartbeat, well before the deadline.
                 if let Err(e) = renew(shared, id, identity, &parse_leases(&h.lease_ids)).await {
                     tracing::error!(worker = %id, "renewing leases: {e}");
@@ -298,19 +301,17 @@ async fn rejected_inputs(shared: &Shared, worker: &str, lease: Uuid, f: &v1::Fai
     let reason = format!("rejected by the next round: {}", f.error);
     match db::reject_inputs(&shared.pool, lease, &f.bad_inputs, &reason, threshold).await {
         Ok(Some(r)) => {
-            for (job, rejected, by) in &r.requeued {
-                tracing::warn!(worker, job, lease = ?rejected, by = by.as_deref().unwrap_or(""), "a proof that does not verify: its job is proven again");
-                crate::telemetry::lease_ended(&r.job, "rejected");
+            for input in &r.requeued {
+                let by = input.by.as_deref().unwrap_or("");
+                tracing::warn!(worker, job = input.job_id, lease = ?input.lease, by, "a proof that does not verify: its job is proven again");
+                shared.apply(LeaseEnd { outcome: LeaseOutcome::Rejected, lease: input.lease, job: &input.job, batch: r.batch_number, taken_from: None });
             }
             for name in &r.quarantined {
                 tracing::error!(worker = name, strikes = threshold, "quarantined: it handed in proofs that do not verify (Admin.ReleaseWorker lifts it)");
                 shared.registry().quarantine(name, true);
             }
-            crate::telemetry::lease_ended(&r.job, "handed_back");
-            shared.registry().free_slot(lease);
+            shared.apply(LeaseEnd { outcome: LeaseOutcome::Failed, lease: Some(lease), job: &r.job, batch: r.batch_number, taken_from: None });
             recorded(outbox, &f.lease_id).await;
-            shared.batch_changed(r.batch_number);
-            shared.wake_dispatcher();
             Ok(())
         }
         Ok(None) => {
@@ -354,7 +355,7 @@ async fn completed(shared: &Shared, worker: &str, identity: Option<&str>, c: v1:
         .iter()
         .filter_map(|cc| u8::try_from(cc.circuit_id).ok().map(|id| (CircuitId(id), cc.count)))
         .collect();
-    match db::complete(&shared.pool, lease, &counts, c.compute_secs, &shared.settings).await {
+    match shared.completions.complete(db::Report { lease, counts, compute_secs: c.compute_secs }).await {
         Ok(done) if done.already_recorded => {
             recorded(outbox, &c.lease_id).await;
             Ok(())
@@ -364,22 +365,21 @@ async fn completed(shared: &Shared, worker: &str, identity: Option<&str>, c: v1:
             if done.batch_proven {
                 tracing::info!(batch = done.batch_number, "batch proven");
             }
-            shared.registry().free_slot(lease);
-            crate::telemetry::lease_ended(&done.job, "succeeded");
+            let batch = done.batch_number;
+            shared.apply(LeaseEnd { outcome: LeaseOutcome::Succeeded, lease: Some(lease), job: &done.job, batch, taken_from: None });
             if let Some((other, holder)) = &done.superseded {
-                crate::telemetry::lease_ended(&done.job, "superseded");
                 tracing::warn!(worker, %lease, superseded = %other, "late result accepted: the job's newer lease is revoked");
-                shared.take_away(*other, holder.as_deref(), "another lease of this job succeeded first");
+                let reason = "another lease of this job succeeded first";
+                let taken_from = Some((holder.as_deref(), reason));
+                shared.apply(LeaseEnd { outcome: LeaseOutcome::Superseded, lease: Some(*other), job: &done.job, batch, taken_from });
             }
             recorded(outbox, &c.lease_id).await;
-            shared.batch_changed(done.batch_number);
-            shared.wake_dispatcher();
             Ok(())
         }
         Err(DbError::StaleLease(_)) => {
             tracing::warn!(worker, %lease, "stale completion refused");
             if shared.registry().free_slot(lease) {
-                shared.wake_dispatcher();
+                shared.wake_for_capacity();
             }
             refuse(outbox, &c.lease_id, "stale lease: the job was leased again or already completed").await;
             Ok(())
@@ -402,12 +402,14 @@ async fn failed(shared: &Shared, worker: &str, identity: Option<&str>, f: v1::Fa
     let reason = if f.handed_back { EndReason::HandedBack } else { EndReason::Failed };
     match db::end_lease(&shared.pool, lease, &f.error, f.retryable, reason).await {
         Ok(Some(ended)) => {
-            tracing::warn!(worker, %lease, retryable = f.retryable, job_failed = ended.job_failed, "job failed: {}", f.error);
-            crate::telemetry::lease_ended(&ended.job, if f.handed_back { "handed_back" } else { "failed" });
-            shared.registry().free_slot(lease);
+            if f.handed_back {
+                tracing::info!(worker, %lease, "lease handed back unfinished (drain): queued again, no attempt spent");
+            } else {
+                tracing::warn!(worker, %lease, retryable = f.retryable, job_failed = ended.job_failed, "job failed: {}", f.error);
+            }
+            let outcome = if f.handed_back { LeaseOutcome::HandedBack } else { LeaseOutcome::Failed };
+            shared.apply(LeaseEnd { outcome, lease: Some(lease), job: &ended.job, batch: ended.batch_number, taken_from: None });
             recorded(outbox, &f.lease_id).await;
-            shared.batch_changed(ended.batch_number);
-            shared.wake_dispatcher();
             Ok(())
         }
         Ok(None) => {

@@ -2,10 +2,12 @@
 //! changes they make (requeue a job, cancel a batch, set a batch's priority). Every change is one
 //! transaction that records the leases it ends in `leases`, like the worker-driven transitions.
 
+use const_format::formatcp;
+use crate::job_state::lit::{FAILED, LEASED, PROVING, QUEUED, SUPERSEDED, UNFINISHED};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{fail_batch, DbError, JobIdentityRow};
+use super::{fail_batch, DbError, JobIdentityRow, JobLabels};
 
 /// A job as `Admin.ListJobs` shows it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -113,15 +115,15 @@ pub struct DepthRow {
 /// table grows), and the age of the oldest queued job in seconds (0 if none).
 pub async fn queue_depth(pool: &PgPool) -> Result<(Vec<DepthRow>, f64), DbError> {
     let rows = sqlx::query_as::<_, DepthRow>(
-        "SELECT aggregation_round, circuit_id, protocol_minor, protocol_patch, kind, status, count(*) AS jobs
-         FROM jobs WHERE status IN ('waiting', 'queued', 'leased')
+        formatcp!("SELECT aggregation_round, circuit_id, protocol_minor, protocol_patch, kind, status, count(*) AS jobs
+         FROM jobs WHERE status IN {UNFINISHED}
          GROUP BY aggregation_round, circuit_id, protocol_minor, protocol_patch, kind, status
-         ORDER BY aggregation_round, circuit_id, protocol_minor, protocol_patch, kind, status",
+         ORDER BY aggregation_round, circuit_id, protocol_minor, protocol_patch, kind, status"),
     )
     .fetch_all(pool)
     .await?;
     let oldest: f64 = sqlx::query_scalar(
-        "SELECT COALESCE(extract(epoch FROM now() - min(queued_at)), 0)::float8 FROM jobs WHERE status = 'queued'",
+        formatcp!("SELECT COALESCE(extract(epoch FROM now() - min(queued_at)), 0)::float8 FROM jobs WHERE status = {QUEUED}"),
     )
     .fetch_one(pool)
     .await?;
@@ -132,17 +134,39 @@ pub async fn queue_depth(pool: &PgPool) -> Result<(Vec<DepthRow>, f64), DbError>
 /// of their weights (MiB).
 pub async fn worker_activity(pool: &PgPool, ids: &[String]) -> Result<Vec<(String, i64, i64, i64)>, DbError> {
     Ok(sqlx::query_as(
-        "SELECT w.id, (extract(epoch FROM w.last_seen) * 1000)::bigint, count(j.id), COALESCE(sum(j.weight_mib), 0)::bigint
-         FROM workers w LEFT JOIN jobs j ON j.leased_to = w.id AND j.status = 'leased'
-         WHERE w.id = ANY($1) GROUP BY w.id, w.last_seen",
+        formatcp!("SELECT w.id, (extract(epoch FROM w.last_seen) * 1000)::bigint, count(j.id), COALESCE(sum(j.weight_mib), 0)::bigint
+         FROM workers w LEFT JOIN jobs j ON j.leased_to = w.id AND j.status = {LEASED}
+         WHERE w.id = ANY($1) GROUP BY w.id, w.last_seen"),
     )
     .bind(ids)
     .fetch_all(pool)
     .await?)
 }
 
-/// A lease an operator's change ended: its id and the connection that held it, to revoke there.
-pub type TakenLease = (Uuid, Option<String>);
+/// A lease an operator's change ended (outcome `superseded`).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TakenLease {
+    /// The lease.
+    pub lease_id: Uuid,
+    /// The connection that held it, to revoke it there.
+    pub holder: Option<String>,
+    /// Its job's labels.
+    #[sqlx(flatten)]
+    pub job: JobLabels,
+}
+
+impl TakenLease {
+    /// Its end, for [`crate::state::Shared::apply`]: superseded, taken from its holder for `reason`.
+    pub fn end<'a>(&'a self, batch: i64, reason: &'a str) -> crate::state::LeaseEnd<'a> {
+        crate::state::LeaseEnd {
+            outcome: crate::job_state::LeaseOutcome::Superseded,
+            lease: Some(self.lease_id),
+            job: &self.job,
+            batch,
+            taken_from: Some((self.holder.as_deref(), reason)),
+        }
+    }
+}
 
 /// What `requeue` did.
 #[derive(Debug)]
@@ -159,29 +183,30 @@ pub enum Requeue {
 /// again without spending the attempt.
 pub async fn requeue(pool: &PgPool, job: i64, reason: &str) -> Result<Requeue, DbError> {
     let mut tx = pool.begin().await?;
-    let row: Option<(String, Option<Uuid>, Option<String>, i64)> =
-        sqlx::query_as("SELECT status, lease_id, leased_to, batch_number FROM jobs WHERE id = $1 FOR UPDATE")
-            .bind(job)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let Some((status, lease, holder, batch)) = row else { return Ok(Requeue::NotFound) };
-    let Some(lease) = lease.filter(|_| status == "leased") else { return Ok(Requeue::NotLeased(status)) };
-    sqlx::query("UPDATE leases SET outcome = 'superseded', ended_at = now(), error = $2 WHERE lease_id = $1 AND outcome IS NULL")
+    let row: Option<(String, Option<Uuid>, Option<String>, i64, String, i16, i16)> = sqlx::query_as(
+        "SELECT status, lease_id, leased_to, batch_number, kind, aggregation_round, circuit_id FROM jobs WHERE id = $1 FOR UPDATE",
+    )
+    .bind(job)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((status, lease, holder, batch, kind, round, circuit_id)) = row else { return Ok(Requeue::NotFound) };
+    let Some(lease) = lease.filter(|_| status == crate::job_state::JobStatus::Leased.as_str()) else { return Ok(Requeue::NotLeased(status)) };
+    sqlx::query(formatcp!("UPDATE leases SET outcome = {SUPERSEDED}, ended_at = now(), error = $2 WHERE lease_id = $1 AND outcome IS NULL"))
         .bind(lease)
         .bind(reason)
         .execute(&mut *tx)
         .await?;
     sqlx::query(
-        "UPDATE jobs SET status = 'queued', lease_id = NULL, leased_to = NULL, lease_deadline = NULL,
+        formatcp!("UPDATE jobs SET status = {QUEUED}, lease_id = NULL, leased_to = NULL, lease_deadline = NULL,
                          attempts = attempts - 1, queued_at = now(), error = $2
-         WHERE id = $1",
+         WHERE id = $1"),
     )
     .bind(job)
     .bind(reason)
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(Requeue::Requeued((lease, holder), batch))
+    Ok(Requeue::Requeued(TakenLease { lease_id: lease, holder, job: JobLabels { kind, round, circuit_id } }, batch))
 }
 
 /// Fails a proving batch with `error`: its waiting and queued jobs fail, its leased jobs fail
@@ -190,7 +215,7 @@ pub async fn requeue(pool: &PgPool, job: i64, reason: &str) -> Result<Requeue, D
 pub async fn cancel_batch(pool: &PgPool, batch: i64, error: &str) -> Result<Option<Vec<TakenLease>>, DbError> {
     let mut tx = pool.begin().await?;
     let proving: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM batches WHERE batch_number = $1 AND status = 'proving' FOR UPDATE)")
+        sqlx::query_scalar(formatcp!("SELECT EXISTS (SELECT 1 FROM batches WHERE batch_number = $1 AND status = {PROVING} FOR UPDATE)"))
             .bind(batch)
             .fetch_one(&mut *tx)
             .await?;
@@ -199,17 +224,17 @@ pub async fn cancel_batch(pool: &PgPool, batch: i64, error: &str) -> Result<Opti
     }
     fail_batch(&mut tx, batch, error).await?;
     let taken: Vec<TakenLease> = sqlx::query_as(
-        "WITH old AS (SELECT id, lease_id, leased_to FROM jobs WHERE batch_number = $1 AND status = 'leased' FOR UPDATE)
-         UPDATE jobs SET status = 'failed', error = 'batch cancelled', finished_at = now(),
+        formatcp!("WITH old AS (SELECT id, lease_id, leased_to FROM jobs WHERE batch_number = $1 AND status = {LEASED} FOR UPDATE)
+         UPDATE jobs SET status = {FAILED}, error = 'batch cancelled', finished_at = now(),
                          lease_id = NULL, leased_to = NULL, lease_deadline = NULL
          FROM old WHERE jobs.id = old.id
-         RETURNING old.lease_id, old.leased_to",
+         RETURNING old.lease_id, old.leased_to AS holder, jobs.kind, jobs.aggregation_round AS round, jobs.circuit_id"),
     )
     .bind(batch)
     .fetch_all(&mut *tx)
     .await?;
-    let ids: Vec<Uuid> = taken.iter().map(|(l, _)| *l).collect();
-    sqlx::query("UPDATE leases SET outcome = 'superseded', ended_at = now(), error = 'batch cancelled' WHERE lease_id = ANY($1)")
+    let ids: Vec<Uuid> = taken.iter().map(|t| t.lease_id).collect();
+    sqlx::query(formatcp!("UPDATE leases SET outcome = {SUPERSEDED}, ended_at = now(), error = 'batch cancelled' WHERE lease_id = ANY($1)"))
         .bind(&ids)
         .execute(&mut *tx)
         .await?;
@@ -228,9 +253,9 @@ pub async fn set_batch_priority(pool: &PgPool, batch: i64, priority: i32, ageing
         .rows_affected()
         == 1;
     sqlx::query(
-        "UPDATE jobs j SET priority = $2, urgency = $2 * $3 - extract(epoch FROM b.created_at)::float8
+        formatcp!("UPDATE jobs j SET priority = $2, urgency = $2 * $3 - extract(epoch FROM b.created_at)::float8
          FROM batches b WHERE b.batch_number = j.batch_number
-           AND j.batch_number = $1 AND j.status IN ('waiting', 'queued', 'leased')",
+           AND j.batch_number = $1 AND j.status IN {UNFINISHED}"),
     )
     .bind(batch)
     .bind(priority)
@@ -245,9 +270,9 @@ pub async fn set_batch_priority(pool: &PgPool, batch: i64, priority: i32, ageing
 /// `retention_secs` ago: at most `limit`, oldest first.
 pub async fn batches_to_clean(pool: &PgPool, retention_secs: f64, limit: i64) -> Result<Vec<i64>, DbError> {
     Ok(sqlx::query_scalar(
-        "SELECT batch_number FROM batches
-         WHERE artifacts_deleted_at IS NULL AND status <> 'proving' AND finished_at < now() - make_interval(secs => $1)
-         ORDER BY finished_at LIMIT $2",
+        formatcp!("SELECT batch_number FROM batches
+         WHERE artifacts_deleted_at IS NULL AND status <> {PROVING} AND finished_at < now() - make_interval(secs => $1)
+         ORDER BY finished_at LIMIT $2"),
     )
     .bind(retention_secs)
     .bind(limit)
@@ -259,7 +284,7 @@ pub async fn batches_to_clean(pool: &PgPool, retention_secs: f64, limit: i64) ->
 /// leases deleted. Never applies to a batch still proving.
 pub async fn mark_cleaned(pool: &PgPool, batch: i64) -> Result<u64, DbError> {
     let mut tx = pool.begin().await?;
-    let marked = sqlx::query("UPDATE batches SET artifacts_deleted_at = now() WHERE batch_number = $1 AND status <> 'proving'")
+    let marked = sqlx::query(formatcp!("UPDATE batches SET artifacts_deleted_at = now() WHERE batch_number = $1 AND status <> {PROVING}"))
         .bind(batch)
         .execute(&mut *tx)
         .await?

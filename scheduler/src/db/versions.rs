@@ -1,6 +1,8 @@
 //! The protocol versions the scheduler knows (`protocol_versions`): what `Admin` lists, registers
 //! and retires, and what a batch submission and a worker's registration are checked against.
 
+use const_format::formatcp;
+use crate::job_state::lit::{PROVING, QUEUED};
 use sqlx::PgPool;
 
 use super::DbError;
@@ -24,11 +26,11 @@ pub struct VersionRow {
     pub queued_jobs: i64,
 }
 
-const COLUMNS: &str = "v.minor, v.patch, v.vk_hash, v.status, (extract(epoch FROM v.registered_at) * 1000)::bigint AS registered_ms,
+const COLUMNS: &str = formatcp!("v.minor, v.patch, v.vk_hash, v.status, (extract(epoch FROM v.registered_at) * 1000)::bigint AS registered_ms,
      (SELECT count(*) FROM batches b WHERE b.protocol_minor = v.minor AND b.protocol_patch = v.patch
-                                     AND b.status = 'proving') AS unfinished_batches,
+                                     AND b.status = {PROVING}) AS unfinished_batches,
      (SELECT count(*) FROM jobs j WHERE j.protocol_minor = v.minor AND j.protocol_patch = v.patch
-                                  AND j.status = 'queued') AS queued_jobs";
+                                  AND j.status = {QUEUED}) AS queued_jobs");
 
 /// Every known version, oldest first.
 pub async fn protocol_versions(pool: &PgPool) -> Result<Vec<VersionRow>, DbError> {

@@ -1,0 +1,392 @@
+//! How leases end: a completion (the first valid result of a job wins), a failure, a hand-back,
+//! an expiry, a rejection of input proofs by the next round; and what follows (readiness of the
+//! jobs they feed, a batch proven or failed).
+
+use const_format::formatcp;
+use crate::job_state::lit::{EXPIRED, FAILED, LEASED, PROVEN, PROVING, QUEUED, REJECTED, SUCCEEDED, SUPERSEDED, WAITING};
+use sqlx::PgConnection;
+
+use super::*;
+use crate::job_state::{JobStatus, LeaseOutcome};
+
+/// What a successful completion changed.
+#[derive(Debug, Clone, Default)]
+pub struct Completion {
+    /// The job (empty labels when `already_recorded`).
+    pub job: JobLabels,
+    /// The batch.
+    pub batch_number: i64,
+    /// Jobs that became queued.
+    pub queued: u64,
+    /// The batch is now proven.
+    pub batch_proven: bool,
+    /// The report had been recorded before (a worker resends reports it saw no answer to): nothing changed.
+    pub already_recorded: bool,
+    /// A late result: the lease had expired and the job was leased again. That other lease is
+    /// superseded (its holder gets a `Revoke`), with the connection that held it.
+    pub superseded: Option<(Uuid, Option<String>)>,
+}
+
+/// A lease that ended without a success (failed, expired), and what became of its job.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    /// The lease.
+    pub lease_id: Uuid,
+    /// The job's batch.
+    pub batch_number: i64,
+    /// The job.
+    pub job: JobLabels,
+    /// The connection that held it (`jobs.leased_to`), to revoke it there.
+    pub holder: Option<String>,
+    /// The job failed for good (and with it the batch); otherwise it is queued again.
+    pub job_failed: bool,
+}
+
+/// How a lease ends without success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// The worker reported a failure.
+    Failed,
+    /// The worker gave it back unfinished (drain): queued again, the attempt does not count.
+    HandedBack,
+    /// Its deadline passed without a heartbeat.
+    Expired,
+}
+
+/// The claim of a result, in one statement: the lease must be current, or expired (a late
+/// result: the first valid result of a job wins, and the job's newer lease is superseded); its
+/// job must be unfinished (leased or queued). It marks the job succeeded under this lease, ends
+/// the lease (and the superseded one), and counts the success down in every waiting job the job
+/// feeds (`jobs.unfinished_inputs`), queueing those that reach 0. Concurrent last inputs of one
+/// job serialize on its row, and each decrement applies to the newest row (READ COMMITTED
+/// re-evaluates an `UPDATE` on a row changed since its snapshot), so exactly one of them
+/// queues it. The row: the lease's outcome before (no row: an unknown lease), then the job's
+/// columns if it was claimed now, and how many jobs became queued.
+const CLAIM: &str = formatcp!(
+    "WITH l AS (SELECT job_id, outcome FROM leases WHERE lease_id = $1),
+     old AS (SELECT j.id, j.lease_id AS current, j.leased_to AS holder FROM jobs j JOIN l ON j.id = l.job_id
+             WHERE (l.outcome IS NULL OR l.outcome = {EXPIRED}) AND j.status IN ({LEASED}, {QUEUED})
+             FOR UPDATE OF j),
+     done AS (UPDATE jobs SET status = {SUCCEEDED}, finished_at = now(), compute_secs = $2, lease_id = $1,
+                              lease_deadline = NULL, error = NULL
+              FROM old WHERE jobs.id = old.id
+              RETURNING jobs.id, jobs.batch_number, jobs.kind, jobs.aggregation_round, jobs.circuit_id, jobs.priority,
+                        jobs.protocol_minor, jobs.protocol_patch, jobs.output_key,
+                        NULLIF(old.current, $1) AS superseded, old.holder),
+     ended AS (UPDATE leases SET outcome = CASE WHEN leases.lease_id = $1 THEN {SUCCEEDED} ELSE {SUPERSEDED} END,
+                                 ended_at = now()
+               FROM done WHERE leases.lease_id = $1 OR (leases.lease_id = done.superseded AND leases.outcome IS NULL)
+               RETURNING 1),
+     ready AS (UPDATE jobs SET unfinished_inputs = jobs.unfinished_inputs - 1,
+                               status = CASE WHEN jobs.unfinished_inputs = 1 THEN {QUEUED} ELSE jobs.status END,
+                               queued_at = CASE WHEN jobs.unfinished_inputs = 1 THEN now() ELSE jobs.queued_at END
+               FROM job_inputs ji, done
+               WHERE ji.input_job_id = done.id AND jobs.id = ji.job_id AND jobs.status = {WAITING}
+               RETURNING jobs.status)
+     SELECT l.outcome, d.id, d.batch_number, d.kind, d.aggregation_round, d.circuit_id, d.priority,
+            d.protocol_minor, d.protocol_patch, d.output_key, d.superseded, d.holder,
+            (SELECT count(*) FROM ready WHERE status = {QUEUED}) AS queued
+     FROM l LEFT JOIN done d ON true"
+);
+
+/// The row [`CLAIM`] returns.
+#[derive(sqlx::FromRow)]
+struct ClaimRow {
+    outcome: Option<String>,
+    id: Option<i64>,
+    batch_number: Option<i64>,
+    kind: Option<String>,
+    aggregation_round: Option<i16>,
+    circuit_id: Option<i16>,
+    priority: Option<i32>,
+    protocol_minor: Option<i32>,
+    protocol_patch: Option<i32>,
+    output_key: Option<String>,
+    superseded: Option<Uuid>,
+    holder: Option<String>,
+    queued: i64,
+}
+
+/// A completion as a worker reports it.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The lease it completes.
+    pub lease: Uuid,
+    /// A round-0 witness generation's circuits per circuit id (the job graph is planned from them).
+    pub counts: Vec<(CircuitId, u32)>,
+    /// CPU seconds the job took, as the worker measured.
+    pub compute_secs: f64,
+}
+
+/// Records a completion on `conn` (a transaction: the completions batcher's, or
+/// [`complete`]'s): the first valid result of a job wins ([`CLAIM`]); refused with
+/// [`DbError::StaleLease`] when the lease is unknown, failed, or its job already finished
+/// through another lease. A round-0 witness generation inserts the batch's job graph from
+/// `counts`; compression marks the batch proven. Recording the same lease twice changes
+/// nothing the second time. One statement, two more for a round-0 witness generation.
+pub async fn complete_in(conn: &mut PgConnection, report: &Report, settings: &Settings) -> Result<Completion, DbError> {
+    let lease = report.lease;
+    let row: Option<ClaimRow> =
+        sqlx::query_as(CLAIM).bind(lease).bind(report.compute_secs).fetch_optional(&mut *conn).await?;
+    let Some(row) = row else { return Err(DbError::StaleLease(lease)) };
+    let (Some(id), Some(batch), Some(kind_name), Some(round), Some(circuit_id), Some(priority), Some(minor), Some(patch)) = (
+        row.id,
+        row.batch_number,
+        row.kind,
+        row.aggregation_round,
+        row.circuit_id,
+        row.priority,
+        row.protocol_minor,
+        row.protocol_patch,
+    ) else {
+        return match row.outcome.as_deref().and_then(LeaseOutcome::parse) {
+            Some(LeaseOutcome::Succeeded) => Ok(Completion { already_recorded: true, ..Completion::default() }),
+            // Failed, handed back, unsent, superseded, rejected: no result can come from it;
+            // or its job finished otherwise.
+            _ => Err(DbError::StaleLease(lease)),
+        };
+    };
+    let kind = JobKind::parse(&kind_name).ok_or_else(|| DbError::Invalid(format!("job {id} kind {kind_name}")))?;
+    let job = JobLabels { kind: kind_name, round, circuit_id };
+    let superseded = row.superseded.map(|other| (other, row.holder));
+    let mut done = Completion { batch_number: batch, job, superseded, queued: row.queued as u64, ..Completion::default() };
+    match (kind, round) {
+        (JobKind::WitnessGeneration, 0) => {
+            let geometry: Vec<i32> = sqlx::query_scalar("SELECT geometry FROM batches WHERE batch_number = $1")
+                .bind(batch)
+                .fetch_one(&mut *conn)
+                .await?;
+            let g = geometry_from_row(&geometry)?;
+            let batch_no = BatchNumber(u32::try_from(batch).map_err(|_| DbError::Invalid(format!("batch {batch}")))?);
+            match graph::plan(batch_no, &g, &report.counts) {
+                Ok(jobs) => {
+                    done.queued += insert_graph(conn, batch, &jobs, settings, (priority, minor, patch)).await?;
+                }
+                Err(e) => {
+                    fail_batch(conn, batch, &format!("round-0 witness generation: {e}")).await?;
+                }
+            }
+        }
+        (JobKind::Compression, _) => {
+            const PROVE: &str = formatcp!(
+                "UPDATE batches SET status = {PROVEN}, proof_key = $2, finished_at = now()
+                 WHERE batch_number = $1 AND status = {PROVING}"
+            );
+            sqlx::query(PROVE)
+                .bind(batch)
+                .bind(row.output_key.unwrap_or_else(|| keys::final_proof(BatchNumber(batch as u32))))
+                .execute(&mut *conn)
+                .await?;
+            done.batch_proven = true;
+        }
+        _ => {}
+    }
+    Ok(done)
+}
+
+/// [`complete_in`] in a transaction of its own.
+pub async fn complete(pool: &PgPool, report: &Report, settings: &Settings) -> Result<Completion, DbError> {
+    let mut tx = pool.begin().await?;
+    let done = complete_in(&mut tx, report, settings).await?;
+    tx.commit().await?;
+    Ok(done)
+}
+
+/// Ends `lease` without success: a failure its worker reported, or an expired deadline (for
+/// [`EndReason::Expired`] only if the deadline has indeed passed: a heartbeat may have won the
+/// race). A retryable end under the job's `max_attempts` queues the job again; otherwise the job
+/// fails with `error` and so does its batch (its unfinished jobs stop; the batch's error names
+/// the job, the attempts and the last error). Refused with [`DbError::StaleLease`] unless `lease`
+/// is current; `Ok(None)` when this failure was recorded before.
+pub async fn end_lease(
+    pool: &PgPool,
+    lease: Uuid,
+    error: &str,
+    retryable: bool,
+    reason: EndReason,
+) -> Result<Option<Ended>, DbError> {
+    let mut tx = pool.begin().await?;
+    let expired = reason == EndReason::Expired;
+    let handed_back = reason == EndReason::HandedBack;
+    let row = sqlx::query_as::<_, (i64, String, Option<String>, String, i16, i16, i16, i32, i32)>(
+        formatcp!("WITH old AS (SELECT id, leased_to FROM jobs WHERE lease_id = $1 AND status = {LEASED} FOR UPDATE)
+         UPDATE jobs SET
+             attempts = CASE WHEN $5 THEN attempts - 1 ELSE attempts END,
+             status = CASE WHEN $5 OR ($3 AND attempts < max_attempts) THEN {QUEUED} ELSE {FAILED} END,
+             queued_at = now(), lease_id = NULL, leased_to = NULL, lease_deadline = NULL, error = $2,
+             finished_at = CASE WHEN $5 OR ($3 AND attempts < max_attempts) THEN NULL ELSE now() END
+         FROM old
+         WHERE jobs.id = old.id AND (NOT $4 OR jobs.lease_deadline <= now())
+         RETURNING jobs.batch_number, jobs.status, old.leased_to, jobs.kind, jobs.aggregation_round, jobs.circuit_id,
+                   jobs.depth, jobs.sequence_number, jobs.attempts"),
+    )
+    .bind(lease)
+    .bind(error)
+    .bind(retryable)
+    .bind(expired)
+    .bind(handed_back)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((batch, status, holder, kind, round, circuit, depth, seq, attempts)) = row else {
+        let outcome: Option<Option<String>> =
+            sqlx::query_scalar("SELECT outcome FROM leases WHERE lease_id = $1").bind(lease).fetch_optional(&mut *tx).await?;
+        return match outcome {
+            Some(Some(o)) if matches!(LeaseOutcome::parse(&o), Some(LeaseOutcome::Failed | LeaseOutcome::HandedBack)) && !expired => Ok(None),
+            _ => Err(DbError::StaleLease(lease)),
+        };
+    };
+    sqlx::query("UPDATE leases SET outcome = $2, ended_at = now(), error = $3 WHERE lease_id = $1")
+        .bind(lease)
+        .bind(match reason {
+            EndReason::Expired => LeaseOutcome::Expired,
+            EndReason::HandedBack => LeaseOutcome::HandedBack,
+            EndReason::Failed => LeaseOutcome::Failed,
+        }
+        .as_str())
+        .bind(error)
+        .execute(&mut *tx)
+        .await?;
+    let job_failed = status == JobStatus::Failed.as_str();
+    if job_failed {
+        let what = format!(
+            "{kind} job (round {round}, circuit {circuit}, depth {depth}, seq {seq}) failed after {attempts} attempt(s): {error}"
+        );
+        fail_batch(&mut tx, batch, &what).await?;
+    }
+    tx.commit().await?;
+    let job = JobLabels { kind, round, circuit_id: circuit };
+    Ok(Some(Ended { lease_id: lease, batch_number: batch, job, holder, job_failed }))
+}
+
+/// Fails a proving batch with `error`; its waiting and queued jobs fail too (leased ones finish
+/// or expire, and their results are refused).
+pub(super) async fn fail_batch(tx: &mut PgConnection, batch: i64, error: &str) -> Result<(), DbError> {
+    sqlx::query(
+        formatcp!("UPDATE batches SET status = {FAILED}, error = $2, finished_at = now()
+         WHERE batch_number = $1 AND status = {PROVING}"),
+    )
+    .bind(batch)
+    .bind(error)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        formatcp!("UPDATE jobs SET status = {FAILED}, error = 'batch failed', finished_at = now()
+         WHERE batch_number = $1 AND status IN ({WAITING}, {QUEUED})"),
+    )
+    .bind(batch)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// What rejecting a job's input proofs did ([`reject_inputs`]).
+#[derive(Debug, Default)]
+pub struct Rejection {
+    /// The batch.
+    pub batch_number: i64,
+    /// The consuming job's labels (its lease ended, not counted).
+    pub job: JobLabels,
+    /// The input jobs queued again.
+    pub requeued: Vec<RejectedInput>,
+    /// Worker names quarantined by these strikes.
+    pub quarantined: Vec<String>,
+}
+
+/// An input job whose proof the next round rejected, queued again.
+#[derive(Debug, Clone)]
+pub struct RejectedInput {
+    /// `jobs.id`.
+    pub job_id: i64,
+    /// Its labels.
+    pub job: JobLabels,
+    /// The lease whose result was rejected.
+    pub lease: Option<Uuid>,
+    /// The worker name that handed the proof in.
+    pub by: Option<String>,
+}
+
+/// The next round found input proofs `bad` (indices into the inputs of the job leased under
+/// `lease`, in `job_inputs.position` order) that do not verify. In one transaction: each such
+/// input job that had succeeded is queued again (its lease's outcome becomes `rejected`), the
+/// worker name that completed it gets a strike (`strikes`), and a name with
+/// `quarantine_after` strikes is quarantined (`quarantined_workers`); the consuming job goes
+/// back to waiting for its inputs, its attempt not counted. `Ok(None)`: `lease` is not current.
+/// Errors: an index beyond the job's inputs (`DbError::Invalid`), database errors.
+pub async fn reject_inputs(pool: &PgPool, lease: Uuid, bad: &[u32], reason: &str, quarantine_after: i64) -> Result<Option<Rejection>, DbError> {
+    let mut tx = pool.begin().await?;
+    let job = sqlx::query_as::<_, (i64, i64, String, i16, i16)>(
+        formatcp!("SELECT id, batch_number, kind, aggregation_round, circuit_id FROM jobs WHERE lease_id = $1 AND status = {LEASED} FOR UPDATE"),
+    )
+    .bind(lease)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((consumer, batch, kind, round, circuit_id)) = job else { return Ok(None) };
+    let inputs = sqlx::query_as::<_, (i64, String, Option<Uuid>, Option<String>, String, i16, i16)>(
+        "SELECT i.id, i.status, i.lease_id, i.leased_to, i.kind, i.aggregation_round, i.circuit_id FROM job_inputs ji JOIN jobs i ON i.id = ji.input_job_id
+         WHERE ji.job_id = $1 ORDER BY ji.position FOR UPDATE OF i",
+    )
+    .bind(consumer)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut out = Rejection { batch_number: batch, job: JobLabels { kind, round, circuit_id }, ..Rejection::default() };
+    for &i in bad {
+        let (input, status, input_lease, holder, input_kind, input_round, input_circuit) = inputs
+            .get(i as usize)
+            .ok_or_else(|| DbError::Invalid(format!("bad input {i}: job {consumer} has {} inputs", inputs.len())))?;
+        if status != JobStatus::Succeeded.as_str() {
+            continue; // already being proven again
+        }
+        sqlx::query(
+            formatcp!("UPDATE jobs SET status = {QUEUED}, queued_at = now(), finished_at = NULL, lease_id = NULL, leased_to = NULL, error = $2
+             WHERE id = $1"),
+        )
+        .bind(input)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(formatcp!("UPDATE leases SET outcome = {REJECTED}, error = $2 WHERE lease_id = $1")).bind(input_lease).bind(reason).execute(&mut *tx).await?;
+        let who: Option<(String, Option<String>)> =
+            sqlx::query_as("SELECT name, identity FROM workers WHERE id = $1").bind(holder).fetch_optional(&mut *tx).await?;
+        if let (Some((name, identity)), Some(input_lease)) = (&who, input_lease) {
+            sqlx::query("INSERT INTO strikes (worker_name, identity, job_id, lease_id, reason) VALUES ($1, $2, $3, $4, $5)")
+                .bind(name)
+                .bind(identity)
+                .bind(input)
+                .bind(input_lease)
+                .bind(reason)
+                .execute(&mut *tx)
+                .await?;
+            let quarantined: Option<String> = sqlx::query_scalar(
+                "INSERT INTO quarantined_workers (worker_name, reason)
+                 SELECT $1, $2 WHERE (SELECT count(*) FROM strikes WHERE worker_name = $1) >= $3
+                 ON CONFLICT DO NOTHING RETURNING worker_name",
+            )
+            .bind(name)
+            .bind(format!("proofs that did not verify; the last: {reason}"))
+            .bind(quarantine_after)
+            .fetch_optional(&mut *tx)
+            .await?;
+            out.quarantined.extend(quarantined);
+        }
+        out.requeued.push(RejectedInput {
+            job_id: *input,
+            job: JobLabels { kind: input_kind.clone(), round: *input_round, circuit_id: *input_circuit },
+            lease: *input_lease,
+            by: who.map(|(name, _)| name),
+        });
+    }
+    sqlx::query(
+        formatcp!("UPDATE jobs SET status = {WAITING}, attempts = attempts - 1, lease_id = NULL, leased_to = NULL, lease_deadline = NULL, error = $2,
+                         unfinished_inputs = (SELECT count(*) FROM job_inputs ji JOIN jobs i ON i.id = ji.input_job_id
+                                              WHERE ji.job_id = $1 AND i.status <> {SUCCEEDED})
+         WHERE id = $1"),
+    )
+    .bind(consumer)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(formatcp!("UPDATE leases SET outcome = {FAILED}, ended_at = now(), error = $2 WHERE lease_id = $1")).bind(lease).bind(reason).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(Some(out))
+}
+
