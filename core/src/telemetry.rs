@@ -25,8 +25,11 @@ pub mod names {
     /// Gauge, scheduler: seconds the oldest queued job has waited.
     pub const OLDEST_QUEUED_AGE: &str = "proofmesh_oldest_queued_job_age_seconds";
     /// Counter, scheduler: leases that ended, by aggregation_round, circuit_id, kind, outcome
-    /// (succeeded, failed, handed_back, expired, superseded).
+    /// (succeeded, failed, handed_back, expired, superseded, rejected).
     pub const JOBS: &str = "proofmesh_jobs_total";
+    /// Counter, scheduler: lease statements the dispatcher ran, by result (hit: a lease, miss:
+    /// nothing fitted). With set-based dispatch it follows the work, not the idle fleet.
+    pub const LEASE_STATEMENTS: &str = "proofmesh_scheduler_lease_statements_total";
     /// Histogram, workers: seconds one job took in a stage (witness_generation, witness_vector,
     /// proving, compression), wall clock.
     pub const JOB_DURATION: &str = "proofmesh_job_duration_seconds";

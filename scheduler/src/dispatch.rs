@@ -17,6 +17,7 @@
 //! Passes repeat (one lease per worker per pass, so workers share the queue fairly) until one
 //! grants nothing.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use proofmesh_proto::v1::{self, scheduler_message, Role};
@@ -64,6 +65,7 @@ async fn dispatch_all(shared: &Shared, classes: &mut Vec<QueuedClass>) -> Result
         if shared.take_queue_changed() {
             let mut conn = shared.pool.acquire().await?;
             *classes = db::queued_classes(&mut conn).await?;
+            shared.dispatch_stats.class_reads.fetch_add(1, Ordering::Relaxed);
         }
         if classes.is_empty() || pass(shared, classes).await? == 0 {
             return Ok(());
@@ -211,7 +213,11 @@ async fn grant_chunk(
             identity: ask.identity.as_deref(),
             prover_identity: ask.prover.as_ref().and_then(|p| p.identity.as_deref()),
         };
-        let Some(job) = db::lease_in(tx, &request, &eligible).await? else {
+        let job = db::lease_in(tx, &request, &eligible).await?;
+        shared.dispatch_stats.lease_statements.fetch_add(1, Ordering::Relaxed);
+        let result = if job.is_some() { "hit" } else { "miss" };
+        metrics::counter!(proofmesh_core::telemetry::names::LEASE_STATEMENTS, "result" => result).increment(1);
+        let Some(job) = job else {
             if request.unbudgeted() {
                 // Nothing of these classes is queued: no later worker needs to ask for them.
                 classes.retain(|c| !eligible.contains(c));
@@ -231,6 +237,7 @@ async fn grant_chunk(
                 conn.credits = conn.credits.saturating_sub(1);
             }
         }
+        shared.dispatch_stats.leases.fetch_add(1, Ordering::Relaxed);
         grants.push(Grant { worker: worker.clone(), job, inputs, prover: ask.prover, identity: ask.identity });
         if grants.len() >= MAX_LEASES_PER_COMMIT {
             break;

@@ -1,25 +1,90 @@
-//! Liveness: records which worker connections were heard from (`workers.last_seen`, read by
-//! `Admin.ListWorkers`) once per heartbeat interval, in one statement for the whole fleet. A
-//! heartbeat itself only notes its connection in memory ([`Shared::heard_from`]), so 1,000 idle
-//! workers cost one statement per interval, not 1,000 commits.
+//! Liveness: heartbeats cost the fleet one statement per tick, not one per worker.
+//!
+//! - Lease renewals: a heartbeat that names leases queues them ([`Shared::queue_renewals`]);
+//!   every [`RENEW_EVERY`] this task renews everything queued in one statement
+//!   (`db::renew_all`), holds the prover slots of what provers took over, and revokes on each
+//!   connection what was not current. A lease lives `--lease-timeout-secs`, many heartbeats and
+//!   far more than a tick, so the tick's delay costs nothing.
+//! - Last seen: a heartbeat notes its connection in memory ([`Shared::heard_from`]); once per
+//!   heartbeat interval the connections heard from are written to `workers.last_seen`
+//!   (read by `Admin.ListWorkers`) in one statement. 1,000 idle workers cost one statement per
+//!   interval, not 1,000 commits.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
-use crate::db;
+use crate::db::{self, DbError, Renewal};
 use crate::state::Shared;
 
-/// Runs until `cancel`, every `--heartbeat-interval-ms`.
+/// How often queued renewals are written.
+pub const RENEW_EVERY: Duration = Duration::from_millis(50);
+
+/// Runs until `cancel`.
 pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
-    let every = Duration::from_millis(u64::from(shared.settings.heartbeat_ms.max(10)));
+    let seen_every = Duration::from_millis(u64::from(shared.settings.heartbeat_ms.max(10)));
+    let mut seen_at = Instant::now();
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(RENEW_EVERY) => {}
             _ = cancel.cancelled() => return,
         }
-        record(&shared).await;
+        renew_queued(&shared).await;
+        if seen_at.elapsed() >= seen_every {
+            seen_at = Instant::now();
+            record(&shared).await;
+        }
+    }
+}
+
+/// Renews the queued renewals in one statement (kept for the next tick on an error: a lease
+/// lives many ticks).
+pub async fn renew_queued(shared: &Shared) {
+    let queued = std::mem::take(&mut *shared.renewals.lock().unwrap_or_else(|e| e.into_inner()));
+    if queued.is_empty() {
+        return;
+    }
+    match db::renew_all(&shared.pool, &queued, shared.settings.lease_secs).await {
+        Ok(renewed) => renewed_effects(shared, &queued, &renewed).await,
+        Err(e) => {
+            tracing::warn!(renewals = queued.len(), "renewing leases: {e}");
+            shared.renewals.lock().unwrap_or_else(|e| e.into_inner()).extend(queued);
+        }
+    }
+}
+
+/// Renews one connection's `leases` now (a registration re-attaching what it holds). Returns
+/// the leases that are not current (revoked there).
+pub async fn renew_now(shared: &Shared, worker: &str, leases: &[Uuid], take_over: bool) -> Result<Vec<Uuid>, DbError> {
+    let requested: Vec<Renewal> = leases.iter().map(|&lease| Renewal { lease, worker: worker.to_string(), take_over }).collect();
+    let renewed = db::renew_all(&shared.pool, &requested, shared.settings.lease_secs).await?;
+    renewed_effects(shared, &requested, &renewed).await;
+    Ok(leases.iter().copied().filter(|l| !renewed.contains(l)).collect())
+}
+
+/// After a renewal: a prover's renewed leases hold its slots (whatever the registry believed:
+/// it is rebuilt after a scheduler restart); a lease that was not current is revoked on the
+/// connection that named it, unless its holder reported it meanwhile (a heartbeat queued just
+/// before the report).
+async fn renewed_effects(shared: &Shared, requested: &[Renewal], renewed: &[Uuid]) {
+    let renewed: std::collections::HashSet<&Uuid> = renewed.iter().collect();
+    let not_current: Vec<Uuid> = requested.iter().map(|r| r.lease).filter(|l| !renewed.contains(l)).collect();
+    let reported = if not_current.is_empty() {
+        vec![]
+    } else {
+        db::reported(&shared.pool, &not_current).await.unwrap_or_default()
+    };
+    for r in requested {
+        if renewed.contains(&r.lease) {
+            if r.take_over {
+                shared.registry().hold_slot(&r.worker, r.lease);
+            }
+        } else if !reported.contains(&r.lease) {
+            tracing::warn!(worker = r.worker, lease = %r.lease, "heartbeat for a lease that is not current: revoked");
+            shared.revoke(&r.worker, r.lease, "lease not current: it expired and the job was leased again, or it finished");
+        }
     }
 }
 

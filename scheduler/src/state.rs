@@ -125,8 +125,12 @@ pub struct Shared {
     /// dispatcher then reads the queued classes again before its next pass; a wake-up for
     /// capacity alone ([`Shared::wake_for_capacity`]) reuses the classes it knows.
     pub queue_changed: AtomicBool,
+    /// What the dispatcher did (read by tests and `proofmesh-bench`).
+    pub dispatch_stats: DispatchStats,
     /// Completed reports on their way to the batcher ([`crate::completions`]).
     pub completions: crate::completions::Completions,
+    /// Lease renewals from heartbeats, written by [`crate::liveness`] at its next tick.
+    pub renewals: Mutex<Vec<crate::db::Renewal>>,
     /// Connections heard from (heartbeats) since [`crate::liveness`] last recorded them.
     pub heard: Mutex<std::collections::HashSet<String>>,
     /// Batch numbers whose state or progress changed (for `WatchBatch`).
@@ -148,7 +152,9 @@ impl Shared {
             wake: Notify::new(),
             queue_changed: AtomicBool::new(true),
             heard: Mutex::default(),
+            renewals: Mutex::default(),
             completions: Default::default(),
+            dispatch_stats: DispatchStats::default(),
             batch_events: broadcast::channel(1024).0,
             artifacts,
             deadlines: Notify::new(),
@@ -179,6 +185,12 @@ impl Shared {
         if !heard.contains(id) {
             heard.insert(id.to_string());
         }
+    }
+
+    /// Queues a heartbeat's renewal of `leases` for connection `id` ([`crate::liveness`]).
+    pub fn queue_renewals(&self, id: &str, leases: &[uuid::Uuid], take_over: bool) {
+        let mut queued = self.renewals.lock().unwrap_or_else(|e| e.into_inner());
+        queued.extend(leases.iter().map(|&lease| crate::db::Renewal { lease, worker: id.to_string(), take_over }));
     }
 
     /// Whether a job may have been queued since the last call (clears the flag).
@@ -245,4 +257,15 @@ pub struct LeaseEnd<'a> {
     /// `Some((holder connection, reason))` when it was taken away from a holder that did not
     /// report it (expired, superseded, requeued, cancelled): the holder gets `Revoke`.
     pub taken_from: Option<(Option<&'a str>, &'a str)>,
+}
+
+/// Counts of the dispatcher's database work since the scheduler started.
+#[derive(Debug, Default)]
+pub struct DispatchStats {
+    /// Lease statements run (one per worker that had an eligible class).
+    pub lease_statements: std::sync::atomic::AtomicU64,
+    /// Of those, the ones that granted a lease.
+    pub leases: std::sync::atomic::AtomicU64,
+    /// Reads of the queued classes.
+    pub class_reads: std::sync::atomic::AtomicU64,
 }

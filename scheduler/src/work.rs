@@ -160,7 +160,7 @@ impl v1::scheduler_server::Scheduler for WorkService {
         let held = parse_leases(&reg.held_leases);
         if !held.is_empty() {
             // Re-attach: the leases still current become this stream's; a prover's hold its slots again.
-            let stale = renew(&self.shared, &id, identity.as_deref(), &held).await.map_err(internal)?;
+            let stale = renew(&self.shared, &id, identity.as_deref(), &held, true).await.map_err(internal)?;
             tracing::info!(worker = %id, reattached = held.len() - stale.len(), revoked = stale.len(), "leases re-attached");
         }
         tracing::info!(worker = %id, name, role = role_name(role), zone = reg.zone, host = reg.host, identity = identity.as_deref().unwrap_or(""), "registered");
@@ -190,9 +190,11 @@ impl v1::scheduler_server::Scheduler for WorkService {
     }
 }
 
-/// Renews `leases` for connection `id` (a prover takes them over) and revokes there those that
-/// are not current, or are bound to another identity than the connection's `identity`. Returns those.
-async fn renew(shared: &Shared, id: &str, identity: Option<&str>, leases: &[Uuid]) -> Result<Vec<Uuid>, DbError> {
+/// Renews `leases` for connection `id` (a prover takes them over): at once when `now` (a
+/// registration re-attaching them; returns the leases not current), else at the next tick of
+/// [`crate::liveness`] (a heartbeat). Either way, the leases bound to another identity than the
+/// connection's `identity` are revoked first and not renewed (returned too).
+async fn renew(shared: &Shared, id: &str, identity: Option<&str>, leases: &[Uuid], now: bool) -> Result<Vec<Uuid>, DbError> {
     let foreign = match identity {
         Some(identity) if !leases.is_empty() => db::foreign_leases(&shared.pool, leases, identity).await?,
         _ => vec![],
@@ -202,25 +204,15 @@ async fn renew(shared: &Shared, id: &str, identity: Option<&str>, leases: &[Uuid
         shared.revoke(id, *lease, "this lease is bound to another worker's certificate identity");
     }
     let leases: Vec<Uuid> = leases.iter().copied().filter(|l| !foreign.contains(l)).collect();
-    let leases = &leases[..];
     if leases.is_empty() {
-        // An idle worker's heartbeat costs no statement of its own (crate::liveness).
         return Ok(foreign);
     }
     let take_over = shared.registry().get(id).is_some_and(|c| c.role == Role::Prover);
-    let stale = db::renew(&shared.pool, id, leases, shared.settings.lease_secs, take_over).await?;
-    if take_over {
-        // A prover's heartbeat names the witness vectors it is proving: each holds one of its
-        // slots, whatever the registry believed (it is rebuilt after a scheduler restart).
-        let mut registry = shared.registry();
-        for lease in leases.iter().filter(|l| !stale.contains(l)) {
-            registry.hold_slot(id, *lease);
-        }
+    if !now {
+        shared.queue_renewals(id, &leases, take_over);
+        return Ok(foreign);
     }
-    for lease in &stale {
-        tracing::warn!(worker = id, %lease, "heartbeat for a lease that is not current: revoked");
-        shared.revoke(id, *lease, "lease not current: it expired and the job was leased again, or it finished");
-    }
+    let stale = crate::liveness::renew_now(shared, id, &leases, take_over).await?;
     Ok(stale.into_iter().chain(foreign).collect())
 }
 
@@ -255,7 +247,7 @@ async fn serve_worker(
                 }
                 shared.heard_from(id);
                 // A missed renewal is made good by the next heartbeat, well before the deadline.
-                if let Err(e) = renew(shared, id, identity, &parse_leases(&h.lease_ids)).await {
+                if let Err(e) = renew(shared, id, identity, &parse_leases(&h.lease_ids), false).await {
                     tracing::error!(worker = %id, "renewing leases: {e}");
                 }
             }

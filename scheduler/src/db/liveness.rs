@@ -2,7 +2,7 @@
 //! stream that ended, and the deadlines the expiry timer reads.
 
 use const_format::formatcp;
-use crate::job_state::lit::{LEASED};
+use crate::job_state::lit::{FAILED, HANDED_BACK, LEASED, SUCCEEDED};
 use super::*;
 
 /// A worker's stream ended: the leases attached to it get at most `grace_secs` more to be
@@ -22,29 +22,62 @@ pub async fn detach_worker(pool: &PgPool, worker: &str, grace_secs: f64) -> Resu
     Ok(n)
 }
 
-/// Renews `leases` for the connection `worker`: each current one gets the deadline now +
-/// `lease_secs`. It is also attached to `worker` when `take_over` (a prover taking over the
-/// lease of a witness vector it accepted) or when its holder's stream has ended
-/// (`workers.disconnected_at`: a reconnected worker re-attaching its leases); a live holder
-/// otherwise keeps it, so a WVG's last heartbeat cannot take a lease back from the prover it
-/// handed it to. One statement. Returns the leases that are not current (stale: expired and
-/// leased again, or finished), for the caller to revoke.
-pub async fn renew(pool: &PgPool, worker: &str, leases: &[Uuid], lease_secs: f64, take_over: bool) -> Result<Vec<Uuid>, DbError> {
-    let renewed: Vec<Uuid> = sqlx::query_scalar(
-        formatcp!("UPDATE jobs SET lease_deadline = now() + make_interval(secs => $3),
-                         leased_to = CASE WHEN $4 OR leased_to IS NULL
+/// One heartbeat's renewal: `lease` for the connection `worker`; `take_over` when the
+/// worker is a prover (it takes over the lease of a witness vector it accepted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewal {
+    /// The lease.
+    pub lease: Uuid,
+    /// The connection that heartbeats it.
+    pub worker: String,
+    /// A prover's heartbeat: the lease moves to it.
+    pub take_over: bool,
+}
+
+/// Renews `renewals` (many workers' heartbeats at once) in one statement: each current lease
+/// gets the deadline now + `lease_secs`. It is also attached to the renewing connection when
+/// `take_over`, or when its holder's stream has ended (`workers.disconnected_at`: a reconnected
+/// worker re-attaching its leases); a live holder otherwise keeps it, so a WVG's last heartbeat
+/// cannot take a lease back from the prover it handed it to. A lease named twice (a WVG and its
+/// prover in the same tick) is renewed once, the prover's way. Returns the leases renewed; the
+/// others are not current (expired and leased again, or finished), for the caller to revoke.
+pub async fn renew_all(pool: &PgPool, renewals: &[Renewal], lease_secs: f64) -> Result<Vec<Uuid>, DbError> {
+    let mut one: std::collections::HashMap<Uuid, &Renewal> = std::collections::HashMap::new();
+    for r in renewals {
+        let e = one.entry(r.lease).or_insert(r);
+        if r.take_over && !e.take_over {
+            *e = r;
+        }
+    }
+    let leases: Vec<Uuid> = one.keys().copied().collect();
+    let workers: Vec<&str> = leases.iter().map(|l| one[l].worker.as_str()).collect();
+    let take_over: Vec<bool> = leases.iter().map(|l| one[l].take_over).collect();
+    const SQL: &str = formatcp!(
+        "UPDATE jobs SET lease_deadline = now() + make_interval(secs => $4),
+                         leased_to = CASE WHEN r.take_over OR jobs.leased_to IS NULL
                                                OR NOT EXISTS (SELECT 1 FROM workers w
                                                               WHERE w.id = jobs.leased_to AND w.disconnected_at IS NULL)
-                                          THEN $1 ELSE leased_to END
-         WHERE lease_id = ANY($2) AND status = {LEASED}
-         RETURNING lease_id"),
-    )
-    .bind(worker)
-    .bind(leases)
-    .bind(lease_secs)
-    .bind(take_over)
-    .fetch_all(pool)
-    .await?;
+                                          THEN r.worker ELSE jobs.leased_to END
+         FROM unnest($1::uuid[], $2::text[], $3::bool[]) AS r(lease_id, worker, take_over)
+         WHERE jobs.lease_id = r.lease_id AND jobs.status = {LEASED}
+         RETURNING jobs.lease_id"
+    );
+    Ok(sqlx::query_scalar(SQL).bind(&leases).bind(&workers).bind(&take_over).bind(lease_secs).fetch_all(pool).await?)
+}
+
+/// The leases among `leases` that ended by their holder's own report (succeeded, failed,
+/// handed back): a heartbeat that raced its report names them, and needs no `Revoke`.
+pub async fn reported(pool: &PgPool, leases: &[Uuid]) -> Result<Vec<Uuid>, DbError> {
+    const SQL: &str = formatcp!(
+        "SELECT lease_id FROM leases WHERE lease_id = ANY($1) AND outcome IN ({SUCCEEDED}, {FAILED}, {HANDED_BACK})"
+    );
+    Ok(sqlx::query_scalar(SQL).bind(leases).fetch_all(pool).await?)
+}
+
+/// [`renew_all`] for one connection's `leases`. Returns the leases that are not current.
+pub async fn renew(pool: &PgPool, worker: &str, leases: &[Uuid], lease_secs: f64, take_over: bool) -> Result<Vec<Uuid>, DbError> {
+    let renewals: Vec<Renewal> = leases.iter().map(|&lease| Renewal { lease, worker: worker.to_string(), take_over }).collect();
+    let renewed = renew_all(pool, &renewals, lease_secs).await?;
     Ok(leases.iter().copied().filter(|l| !renewed.contains(l)).collect())
 }
 

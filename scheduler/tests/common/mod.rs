@@ -129,6 +129,12 @@ impl RawWorker {
         self.tx.send(msg(worker_message::Msg::Failed(f))).unwrap();
     }
 
+    /// Gives `lease_id` back unfinished (drain).
+    pub fn hand_back(&self, lease_id: &str) {
+        let f = v1::Failed { lease_id: lease_id.into(), error: "draining".into(), retryable: true, handed_back: true, bad_inputs: vec![] };
+        self.tx.send(msg(worker_message::Msg::Failed(f))).unwrap();
+    }
+
     /// The next message within `wait`, or `None`.
     pub async fn next_any(&mut self, wait: Duration) -> Option<scheduler_message::Msg> {
         match tokio::time::timeout(wait, self.inbound.message()).await {
