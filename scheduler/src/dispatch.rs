@@ -170,10 +170,17 @@ async fn pass(shared: &Shared, classes: &mut Vec<QueuedClass>) -> Result<usize, 
             return Ok(granted);
         }
         granted += grants.len();
+        // Every committed lease is sent (or put back), even if putting one back fails.
+        let mut failed = None;
         for grant in grants {
-            send(shared, grant).await?;
+            if let Err(e) = send(shared, grant).await {
+                failed.get_or_insert(e);
+            }
         }
         shared.deadlines.notify_one();
+        if let Some(e) = failed {
+            return Err(e);
+        }
     }
 }
 
@@ -283,8 +290,15 @@ async fn send(shared: &Shared, grant: Grant) -> Result<(), db::DbError> {
         reg.get(&worker).is_some_and(|conn| conn.outbox.try_send(Ok(msg)).is_ok())
     };
     if !sent {
-        // The worker left (or its stream is full) between the grant and the send: put it back.
-        shared.registry().free_slot(job.lease_id);
+        // The worker left (or its stream is full) between the grant and the send: put it back,
+        // and give back the credit the grant took.
+        {
+            let mut reg = shared.registry();
+            reg.free_slot(job.lease_id);
+            if let Some(conn) = reg.get_mut(&worker) {
+                conn.credits = conn.credits.saturating_add(1);
+            }
+        }
         db::unlease(&shared.pool, job.lease_id).await?;
         shared.wake_dispatcher();
         return Ok(());

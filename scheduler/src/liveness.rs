@@ -39,8 +39,9 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     }
 }
 
-/// Renews the queued renewals in one statement (kept for the next tick on an error: a lease
-/// lives many ticks).
+/// Renews the queued renewals in one statement. On an error they are dropped, not kept: the
+/// next heartbeat names the same leases again, well before their deadline (so an outage of
+/// PostgreSQL cannot grow the queue without bound).
 pub async fn renew_queued(shared: &Shared) {
     let queued = std::mem::take(&mut *shared.renewals.lock().unwrap_or_else(|e| e.into_inner()));
     if queued.is_empty() {
@@ -48,10 +49,7 @@ pub async fn renew_queued(shared: &Shared) {
     }
     match db::renew_all(&shared.pool, &queued, shared.settings.lease_secs).await {
         Ok(renewed) => renewed_effects(shared, &queued, &renewed).await,
-        Err(e) => {
-            tracing::warn!(renewals = queued.len(), "renewing leases: {e}");
-            shared.renewals.lock().unwrap_or_else(|e| e.into_inner()).extend(queued);
-        }
+        Err(e) => tracing::warn!(renewals = queued.len(), "renewing leases: {e} (the next heartbeats renew them)"),
     }
 }
 
