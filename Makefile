@@ -36,6 +36,7 @@ test:
 	scripts/test-tools.sh
 	scripts/chart-test.sh
 	PATH="$(CURDIR)/.venv/bin:$$PATH" scripts/with-postgres.sh $(CARGO) test --workspace
+	SETUP_DIR=target/tmp/setup-cache scripts/scripts-test.sh
 	SETUP_DIR=target/tmp/setup-cache scripts/chaos.sh --short
 
 chaos:

@@ -18,9 +18,15 @@
 #                              grace, no SIGSTOP (the end of make test)
 #
 # Settings (environment): SETUP_DIR (.setup-cache), CHAOS_DIR (out/chaos), CHAOS_PORT (50251).
-# Runs its own PostgreSQL through scripts/with-postgres.sh (it restarts it).
+# Runs its own PostgreSQL through scripts/with-postgres.sh (it restarts it). Every process it
+# starts is stopped when it ends, however it ends (scripts/procs.sh); it fails at once if
+# CHAOS_PORT is taken, or if the scheduler it started does not listen there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PROCS_TAG=chaos
+source scripts/procs.sh
+PORT="${CHAOS_PORT:-50251}"
+proc_port_free "$PORT" "the scheduler's, CHAOS_PORT"
 
 if [[ -z "${WITH_POSTGRES_CTL:-}" ]]; then
   # It restarts PostgreSQL, so it always runs its own throwaway server.
@@ -38,7 +44,6 @@ else
 fi
 SETUP_DIR="${SETUP_DIR:-.setup-cache}"
 DIR="${CHAOS_DIR:-out/chaos}"
-PORT="${CHAOS_PORT:-50251}"
 BIN=target/debug
 SCHED="http://127.0.0.1:$PORT"
 rm -rf "$DIR"
@@ -46,7 +51,7 @@ mkdir -p "$DIR"/{data,inbox,outbox,logs,batches} "$SETUP_DIR"
 DATA="$DIR/data"; LOGS="$DIR/logs"
 gen_args=(); for t in "${TXS[@]}"; do gen_args+=(--txs "$t"); done
 "$BIN/proofmesh-circuits" gen-batch --out "$DIR/batches" --seed 7 "${gen_args[@]}" >"$LOGS/gen-batch.log"
-BATCHES=($(seq "${#TXS[@]}"))
+mapfile -t BATCHES < <(seq "${#TXS[@]}")
 
 sql() { "$WITH_POSTGRES_PSQL" "$DATABASE_URL" -Atq -v ON_ERROR_STOP=1 -c "$1" 2>>"$LOGS/sql.log"; }
 now() { date +%s.%N; }
@@ -54,31 +59,26 @@ T0=$(now)
 say() { printf "[%6.1f s] %s\n" "$(awk -v a="$(now)" -v b="$T0" 'BEGIN { print a - b }')" "$*"; }
 
 declare -A CMD PID
-start() { # name, command...
+start() { # name, command... (no argument with a space: restart splits it again)
   local name=$1; shift
   CMD[$name]="$*"
-  "$@" >>"$LOGS/$name.log" 2>&1 &
-  PID[$name]=$!
+  proc_start "$name" "$LOGS/$name.log" "$@"
+  PID[$name]=$PROC_PID
 }
 restart() { # name: the same command again (as a Deployment would)
   local name=$1
   # shellcheck disable=SC2086
-  ${CMD[$name]} >>"$LOGS/$name.log" 2>&1 &
-  PID[$name]=$!
+  proc_start "$name" "$LOGS/$name.log" ${CMD[$name]}
+  PID[$name]=$PROC_PID
 }
-stop_all() {
-  for p in "${PID[@]}"; do kill -CONT "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap stop_all EXIT
-trap "exit 130" INT TERM
+proc_traps   # from here on, every exit stops every process started (SIGCONT first: one may be frozen)
 
-wait_port() { for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
-
+# The scheduler; then a check that the process listening on PORT is the one started here.
+proc_port_free "$PORT" "the scheduler's, CHAOS_PORT"
 start scheduler "$BIN/proofmesh-scheduler" --listen "127.0.0.1:$PORT" --database-url "$DATABASE_URL" \
   --artifacts "$DATA" --geometry small --lease-timeout-secs "$LEASE" --heartbeat-interval-ms "$HEARTBEAT_MS" \
   --reconnect-grace-secs "$GRACE" --max-attempts 5
-wait_port
+proc_wait_listening scheduler "${PID[scheduler]}" "$PORT" 60
 worker() { # name, role, zone, extra args...
   local name=$1 role=$2 zone=$3; shift 3
   start "$name" "$BIN/proofmesh-worker" --role "$role" --name "$name" --zone "$zone" --region chaos \
@@ -102,9 +102,10 @@ for n in "${BATCHES[@]}"; do
   cp "$f" "$DIR/inbox/.$(basename "$f")" && mv "$DIR/inbox/.$(basename "$f")" "$DIR/inbox/$(basename "$f")"
 done
 # A run that hangs is a failure, not a CI timeout: the gateway gets 15 min (short) or 30.
-timeout "$(( SHORT == 1 ? 900 : 1800 ))" "$BIN/proofmesh-gateway" --scheduler "$SCHED" --artifacts "$DATA" --inbox "$DIR/inbox" --outbox "$DIR/outbox" \
-  --once >"$LOGS/gateway.out" 2>"$LOGS/gateway.log" &
-GATEWAY=$!
+# (-k 5: if this script stops it early, timeout passes the SIGTERM on, then SIGKILLs after 5 s.)
+proc_start -o gateway "$LOGS/gateway.log" timeout -k 5 "$(( SHORT == 1 ? 900 : 1800 ))" "$BIN/proofmesh-gateway" \
+  --scheduler "$SCHED" --artifacts "$DATA" --inbox "$DIR/inbox" --outbox "$DIR/outbox" --once >"$LOGS/gateway.out"
+GATEWAY=$PROC_PID
 say "cluster up: batches ${BATCHES[*]}, leases ${LEASE} s, heartbeats ${HEARTBEAT_MS} ms, reconnect grace ${GRACE} s"
 
 HIT="0"     # jobs already hit by a fault: each fault hits another job
@@ -140,7 +141,7 @@ recovered() {
     sleep 0.2
   done
 }
-kill9() { { kill -9 "$1"; wait "$1"; } 2>/dev/null || true; }
+kill9() { { kill -9 "$1"; wait "$1"; } 2>/dev/null || true; proc_forget "$1"; }
 
 kill_holder() { # label, name prefix, kind, timeout
   local row name lease job t
@@ -165,7 +166,8 @@ outstanding=$(sql "SELECT count(*) FROM jobs WHERE status = 'leased'")
 kill9 "${PID[scheduler]}"; t=$(now)
 say "scheduler: kill -9 ($outstanding leases outstanding), restarting in 2 s"
 sleep 2
-restart scheduler; wait_port
+proc_port_free "$PORT" "the scheduler's, CHAOS_PORT"
+restart scheduler; proc_wait_listening scheduler "${PID[scheduler]}" "$PORT" 60
 record "scheduler killed, restarted after 2 s" "" "$t"
 recovered "" "$t"
 
@@ -194,7 +196,7 @@ fi
 kill_holder "compressor killed mid-compression" compressor compression 600
 
 set +e
-wait "$GATEWAY"; gateway_status=$?
+wait "$GATEWAY"; gateway_status=$?; proc_forget "$GATEWAY"
 set -e
 say "gateway done (exit $gateway_status)"
 

@@ -40,6 +40,7 @@ impl Default for Args {
     }
 }
 
+/// The cluster's processes; killed when dropped, so an error on the way leaves nothing running.
 struct Procs(Vec<Child>);
 impl Drop for Procs {
     fn drop(&mut self) {
@@ -48,6 +49,25 @@ impl Drop for Procs {
             let _ = c.wait();
         }
     }
+}
+
+/// Whether process `pid` holds a socket listening on TCP `port` (Linux: `/proc/net/tcp*` give
+/// the listening sockets' inodes, `/proc/PID/fd` the process's).
+fn listens(pid: u32, port: u16) -> bool {
+    let mut inodes = vec![];
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table).unwrap_or_default().lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f.get(1).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+            if f.len() > 9 && f[3] == "0A" && local_port == Some(port) {
+                inodes.extend(f[9].parse::<u64>().ok());
+            }
+        }
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path()).ok().and_then(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u64>().ok()).is_some_and(|i| inodes.contains(&i))
+    })
 }
 
 /// Proves `args.batch` through the cluster and prints the figures.
@@ -85,11 +105,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let store = Arc::new(LocalStore::new(&data));
     store.put(&keys::batch_input(batch.number), bytes).await?;
+    // The scheduler started here must be what answers on the port: not another process that
+    // took it first (then this one exits), and not after it exited (then nothing would).
+    let scheduler = &mut procs.0[0];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let log = || std::fs::read_to_string(logs.join("scheduler.log")).unwrap_or_default();
     let channel = loop {
-        match tonic::transport::Endpoint::from_shared(url.clone())?.connect().await {
-            Ok(c) => break c,
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        if let Some(status) = scheduler.try_wait()? {
+            anyhow::bail!("the scheduler exited ({status}) before listening on port {port}; its log:\n{}", log());
         }
+        if listens(scheduler.id(), port) {
+            if let Ok(c) = tonic::transport::Endpoint::from_shared(url.clone())?.connect().await {
+                break c;
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the scheduler does not listen on port {port} after 60 s; its log:\n{}", log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
     };
     // Let every worker register before the clock starts.
     tokio::time::sleep(Duration::from_secs(2)).await;

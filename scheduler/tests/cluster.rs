@@ -13,11 +13,12 @@
 //! certificate from a throwaway CA (`TestCa`), named after it; the test's `Admin` client is an admin.
 
 mod common;
+mod procs;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -26,18 +27,7 @@ use proofmesh_artifacts::{ArtifactsUrl, S3Store};
 use proofmesh_circuits::setup::{CircuitKey, SetupStore};
 use proofmesh_core::{keys, ArtifactStore, Geometry, ProtocolVersion};
 use proofmesh_proto::tls::test_ca::TestCa;
-
-/// Kills the processes it holds when dropped, so a failing test leaves nothing running.
-struct Procs(Vec<(String, Child)>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use procs::{free_port, Procs};
 
 fn bin_dir() -> PathBuf {
     // target/<profile>/deps/<test binary> -> target/<profile>
@@ -77,7 +67,7 @@ fn spawn(procs: &mut Procs, logs: &Path, name: &str, program: &str, args: &[&str
         .stderr(log)
         .spawn()
         .unwrap();
-    procs.0.push((name.into(), child));
+    procs.add(name, child);
 }
 
 fn logs_of(dir: &Path) -> String {
@@ -92,10 +82,6 @@ fn logs_of(dir: &Path) -> String {
         }
     }
     out
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// `GET /metrics` from 127.0.0.1:`port` (plain HTTP/1.0); `None` if it does not answer.
@@ -177,7 +163,8 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
     let port = free_port();
     let scheduler = format!("http://127.0.0.1:{port}");
     let (d, s) = (artifacts.as_str(), setup.to_str().unwrap());
-    let mut procs = Procs(vec![]);
+    // Every process the test starts is in `procs`: killed when it is dropped, a failure included.
+    let mut procs = Procs::default();
     let listen = format!("127.0.0.1:{port}");
     // Each process's metrics port.
     let metrics: BTreeMap<&str, u16> =
@@ -187,6 +174,8 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
         "--listen", &listen, "--database-url", &db_url, "--artifacts", d, "--geometry", "small",
         "--metrics-listen", &metrics_at("scheduler"), "--admin-subject", "OU=admins",
     ]);
+    // The scheduler started here is what answers on the port (not another process that took it).
+    procs.wait_listening("scheduler", port).unwrap_or_else(|e| panic!("{e}\n{}", logs_of(&logs)));
     let worker = |name: &str, role: &str, zone: &str| -> Vec<String> {
         ["--role", role, "--scheduler", &scheduler, "--zone", zone, "--artifacts", d, "--setup-dir", s, "--metrics-listen", &metrics_at(name)]
             .iter()
@@ -208,18 +197,19 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
     ]);
 
     let start = Instant::now();
-    let mut gateway = command("proofmesh-gateway", "gateway")
+    let gateway = command("proofmesh-gateway", "gateway")
         .args(["--scheduler", &scheduler, "--artifacts", d, "--inbox", inbox.to_str().unwrap(), "--outbox", outbox.to_str().unwrap(), "--once"])
         .args(["--metrics-listen", &metrics_at("gateway")])
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(logs.join("gateway.log")).unwrap())
         .spawn()
         .unwrap();
+    procs.add("gateway", gateway);
     // While the batch proves: the scheduler's queue depth against the database, until they agree
     // on a moment with work outstanding (the gauges refresh every 2 s; jobs last seconds).
     let mut agreed = None;
     let mut gateway_metrics = None;
-    while gateway.try_wait().unwrap().is_none() {
+    while procs.get("gateway").try_wait().unwrap().is_none() {
         if let Some(text) = scrape(metrics["gateway"]) {
             gateway_metrics = Some(text);
         }
@@ -241,7 +231,7 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-    let gateway = gateway.wait_with_output().unwrap();
+    let gateway = procs.take("gateway").wait_with_output().unwrap();
     let report = String::from_utf8_lossy(&gateway.stdout).to_string();
     let agreed = agreed.unwrap_or_else(|| panic!("the queue depth never matched the database while the batch proved\n{}", logs_of(&logs)));
     eprintln!("queue depth matched the database at waiting/queued/leased = {agreed:?}");
@@ -292,7 +282,8 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
             .spawn()
             .unwrap()
     };
-    let mut serving = node_sim(&client_node, &["serve", "--listen", &format!("127.0.0.1:{node_port}"), "--exit-when-done"]);
+    procs.add("node-client", node_sim(&client_node, &["serve", "--listen", &format!("127.0.0.1:{node_port}"), "--exit-when-done"]));
+    procs.wait_listening("node-client", node_port).unwrap_or_else(|e| panic!("{e}\n{}", logs_of(&logs)));
     spawn(&mut procs, &logs, "gateway-client", "proofmesh-gateway", &[
         "--mode", "client", "--scheduler", &scheduler, "--artifacts", d,
         "--l2-node-url", &format!("http://127.0.0.1:{node_port}"), "--poll-interval-ms", "200",
@@ -300,15 +291,11 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
     spawn(&mut procs, &logs, "gateway-server", "proofmesh-gateway", &[
         "--mode", "server", "--scheduler", &scheduler, "--artifacts", d, "--listen", &format!("127.0.0.1:{gateway_port}"),
     ]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", gateway_port)).is_err() {
-        assert!(Instant::now() < deadline, "the server-mode gateway does not listen\n{}", logs_of(&logs));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let mut pushing = node_sim(&server_node, &["push", "--gateway", &format!("http://127.0.0.1:{gateway_port}"), "--poll-interval-ms", "200"]);
+    procs.wait_listening("gateway-server", gateway_port).unwrap_or_else(|e| panic!("{e}\n{}", logs_of(&logs)));
+    procs.add("node-server", node_sim(&server_node, &["push", "--gateway", &format!("http://127.0.0.1:{gateway_port}"), "--poll-interval-ms", "200"]));
     let node_log = |dir: &Path| std::fs::read_to_string(dir.join("node.log")).unwrap_or_default();
-    for (dir, node, batch) in [(&client_node, &mut serving, &generated[0]), (&server_node, &mut pushing, &generated[1])] {
-        let status = node.wait().unwrap();
+    for (dir, node, batch) in [(&client_node, "node-client", &generated[0]), (&server_node, "node-server", &generated[1])] {
+        let status = procs.wait(node);
         assert!(status.success(), "the node simulator in {} failed\n{}\n{}", dir.display(), node_log(dir), logs_of(&logs));
         let stem = format!("batch_{:06}", batch.number.0);
         let ok = verify(&dir.join(format!("out/{stem}.proof")), &dir.join(format!("batches/{stem}.bin")));
@@ -354,7 +341,7 @@ fn cluster_proves_a_batch_across_processes_and_rejects_a_malformed_file() {
     assert!(listed.contents().iter().any(|o| o.key() == Some("e2e/batches/000001/final.proof")), "{listed:?}");
 
     // Every process is still up: nothing crashed along the way.
-    for (name, c) in &mut procs.0 {
+    for (name, c) in procs.iter_mut() {
         assert!(c.try_wait().unwrap().is_none(), "{name} exited\n{}", logs_of(&logs));
     }
 }

@@ -5,24 +5,14 @@
 //! proof verifies. Needs the workspace's binaries and `DATABASE_URL` (`make test` provides both).
 
 mod common;
+mod procs;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use proofmesh_proto::v1;
-
-/// Kills the processes it holds when dropped.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+use procs::{free_port, Procs};
 
 fn bin(name: &str) -> PathBuf {
     // target/<profile>/deps/<test binary> -> target/<profile>
@@ -33,7 +23,7 @@ fn bin(name: &str) -> PathBuf {
 
 fn spawn(procs: &mut Procs, logs: &Path, name: &str, program: &str, args: &[&str]) {
     let log = std::fs::File::create(logs.join(format!("{name}.log"))).unwrap();
-    procs.0.push(Command::new(bin(program)).args(args).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(log).spawn().unwrap());
+    procs.add(name, Command::new(bin(program)).args(args).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(log).spawn().unwrap());
 }
 
 fn logs_of(dir: &Path) -> String {
@@ -58,14 +48,17 @@ fn a_lying_prover_is_caught_its_jobs_proven_elsewhere_and_it_is_quarantined() {
     let setup = Path::new(env!("CARGO_TARGET_TMPDIR")).join("setup-cache");
     let batch = Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/batch_000001.bin");
     std::fs::copy(&batch, inbox.join("batch_000001.bin")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let scheduler = format!("http://127.0.0.1:{port}");
     let (d, s) = (data.to_str().unwrap(), setup.to_str().unwrap());
-    let mut procs = Procs(vec![]);
+    // Every process the test starts is in `procs`: killed when it is dropped, a failure included.
+    let mut procs = Procs::default();
     spawn(&mut procs, &logs, "scheduler", "proofmesh-scheduler", &[
         "--listen", &format!("127.0.0.1:{port}"), "--database-url", &db_url, "--artifacts", d, "--geometry", "small",
         "--quarantine-after-strikes", "1",
     ]);
+    // The scheduler started here is what answers on the port (not another process that took it).
+    procs.wait_listening("scheduler", port).unwrap_or_else(|e| panic!("{e}\n{}", logs_of(&logs)));
     let worker = |name: &str, role: &str| -> Vec<String> {
         ["--role", role, "--name", name, "--scheduler", &scheduler, "--artifacts", d, "--setup-dir", s].iter().map(|x| x.to_string()).collect()
     };
@@ -77,12 +70,13 @@ fn a_lying_prover_is_caught_its_jobs_proven_elsewhere_and_it_is_quarantined() {
     liar.push("--fault-wrong-proofs".into());
     spawn(&mut procs, &logs, "liar", "proofmesh-worker", &liar.iter().map(String::as_str).collect::<Vec<_>>());
     spawn(&mut procs, &logs, "compressor", "proofmesh-compressor", &["--setup-dir", s, "run", "--scheduler", &scheduler, "--artifacts", d]);
-    let mut gateway = Command::new(bin("proofmesh-gateway"))
+    let gateway = Command::new(bin("proofmesh-gateway"))
         .args(["--scheduler", &scheduler, "--artifacts", d, "--inbox", inbox.to_str().unwrap(), "--outbox", outbox.to_str().unwrap(), "--once"])
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(logs.join("gateway.log")).unwrap())
         .spawn()
         .unwrap();
+    procs.add("gateway", gateway);
 
     // The only prover lies: the leaf round's witness generator rejects its basic proofs, and it
     // is quarantined at its first strike.
@@ -99,7 +93,7 @@ fn a_lying_prover_is_caught_its_jobs_proven_elsewhere_and_it_is_quarantined() {
     // Now an honest prover: the rejected jobs (and everything after them) are proven by it.
     let honest = worker("honest", "prover");
     spawn(&mut procs, &logs, "honest", "proofmesh-worker", &honest.iter().map(String::as_str).collect::<Vec<_>>());
-    let status = gateway.wait().unwrap();
+    let status = procs.wait("gateway");
     assert!(status.success(), "the batch did not prove\n{}", logs_of(&logs));
 
     let proof = outbox.join("batch_000001.proof");
