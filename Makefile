@@ -55,6 +55,7 @@ demo:
 bench: build
 	PROOFMESH_SETUP_DIR=$(SETUP_DIR) $(BIN) bench --samples samples --geometry $(GEOMETRY) --weights-out scheduler/job-weights.toml
 	scripts/with-postgres.sh target/debug/proofmesh-bench all --geometry $(GEOMETRY) --setup-dir $(SETUP_DIR)
+	target/debug/proofmesh-bench fleet --out target/fleet-bench.json
 
 samples: build
 	rm -f samples/batch_*.bin

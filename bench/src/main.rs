@@ -9,14 +9,19 @@
 //! - `affinity`: setup loads with and without setup-data affinity on the largest sample (real
 //!   lease statements, simulated provers);
 //! - `batch`: the largest sample proven by the cluster as separate processes; batch wall time
-//!   divided by (sum of job CPU time / cores) (target <= 1.10).
+//!   divided by (sum of job CPU time / cores) (target <= 1.10);
+//! - `fleet`: the scheduler process with N simulated workers over real gRPC (N 10, 100, 1000 and
+//!   3000) at queue depths 10k, 100k, 1M, beside an Era-style `SKIP LOCKED` baseline: lease
+//!   cycles per second, dispatch and round-boundary latency, CPU per cycle, idle cost, memory
+//!   (issue 15's targets). It starts its own PostgreSQL with production durability.
 //!
-//! Needs `DATABASE_URL` (run through `scripts/with-postgres.sh`) and, for `batch`, the
-//! workspace's binaries and a built setup cache.
+//! Needs `DATABASE_URL` (run through `scripts/with-postgres.sh`; not `fleet`) and, for `batch`
+//! and `fleet`, the workspace's binaries (and for `batch` a built setup cache).
 
 mod affinity;
 mod batch;
 mod dispatch;
+mod fleet;
 mod stream;
 
 use clap::{Parser, Subcommand};
@@ -63,6 +68,8 @@ enum Which {
     },
     /// Batch efficiency on one batch file.
     Batch(batch::Args),
+    /// The scheduler with a simulated fleet at scale, beside an Era-style baseline.
+    Fleet(fleet::Args),
     /// All three with their defaults.
     All(batch::Args),
 }
@@ -83,6 +90,7 @@ async fn main() -> anyhow::Result<()> {
         Which::Stream { mib, reps } => stream::run(mib, reps).await,
         Which::Affinity { batch, geometry, provers, copies } => affinity::run(&batch, geometry_named(&geometry)?, provers, copies).await,
         Which::Batch(args) => batch::run(args).await,
+        Which::Fleet(args) => fleet::run(args).await,
         Which::All(args) => {
             dispatch::run(2000).await?;
             affinity::run(&args.batch, geometry_named(&args.geometry)?, 4, 4).await?;
