@@ -304,10 +304,42 @@ fn nofile() -> u64 {
     r.rlim_cur
 }
 
+/// Whether process `pid` exists.
+fn alive(pid: &str) -> bool {
+    pid.trim().parse::<u32>().is_ok_and(|p| Path::new(&format!("/proc/{p}")).exists())
+}
+
+/// Deletes what an earlier run killed with SIGKILL left in /tmp (its PostgreSQL and scheduler
+/// died with it, by their parent-death signal; its directories could not be deleted): a data
+/// directory whose postmaster is gone, a work directory whose bench is gone. A directory without
+/// its pid file is left alone for ten minutes (a run starting now has not written it yet).
+fn sweep_stale() {
+    let mut places = vec![PathBuf::from("/tmp"), std::env::temp_dir()];
+    places.dedup();
+    for entry in places.iter().filter_map(|p| std::fs::read_dir(p).ok()).flat_map(|d| d.flatten()) {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let pid_file = if name.starts_with("proofmesh-fleet-pg.") {
+            entry.path().join("data/postmaster.pid")
+        } else if name.starts_with("proofmesh-fleet.") {
+            entry.path().join("bench.pid")
+        } else {
+            continue;
+        };
+        let stale = match std::fs::read_to_string(&pid_file) {
+            Ok(text) => !alive(text.lines().next().unwrap_or("")),
+            Err(_) => entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(600)),
+        };
+        if stale && std::fs::remove_dir_all(entry.path()).is_ok() {
+            eprintln!("fleet: removed {} (left by an earlier run that was killed)", entry.path().display());
+        }
+    }
+}
+
 /// Runs the benchmark; interrupted (SIGINT, SIGTERM), it stops the scheduler and PostgreSQL
 /// (the guards' drops) and fails.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     raise_nofile();
+    sweep_stale();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = bench(&args) => r,
@@ -597,6 +629,7 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     };
     anyhow::ensure!(bin.exists(), "{} not found: build it first (make build, or cargo build -p proofmesh-scheduler --bins)", bin.display());
     let work = tempfile::Builder::new().prefix("proofmesh-fleet.").tempdir()?;
+    std::fs::write(work.path().join("bench.pid"), std::process::id().to_string())?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     let pg = pg::Postgres::start(&[
