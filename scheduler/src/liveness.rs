@@ -64,22 +64,23 @@ pub async fn renew_now(shared: &Shared, worker: &str, leases: &[Uuid], take_over
 
 /// After a renewal: a prover's renewed leases hold its slots (whatever the registry believed:
 /// it is rebuilt after a scheduler restart); a lease that was not current is revoked on the
-/// connection that named it, unless its holder reported it meanwhile (a heartbeat queued just
-/// before the report).
+/// connection that named it, unless it is still current (skipped: another transaction held its
+/// row) or its holder reported it meanwhile (a heartbeat queued just before the report); on a
+/// database error nothing is revoked.
 async fn renewed_effects(shared: &Shared, requested: &[Renewal], renewed: &[Uuid]) {
     let renewed: std::collections::HashSet<&Uuid> = renewed.iter().collect();
     let not_current: Vec<Uuid> = requested.iter().map(|r| r.lease).filter(|l| !renewed.contains(l)).collect();
-    let reported = if not_current.is_empty() {
+    let spared = if not_current.is_empty() {
         vec![]
     } else {
-        db::reported(&shared.pool, &not_current).await.unwrap_or_default()
+        db::spared(&shared.pool, &not_current).await.unwrap_or_else(|_| not_current.clone())
     };
     for r in requested {
         if renewed.contains(&r.lease) {
             if r.take_over {
                 shared.registry().hold_slot(&r.worker, r.lease);
             }
-        } else if !reported.contains(&r.lease) {
+        } else if !spared.contains(&r.lease) {
             tracing::warn!(worker = r.worker, lease = %r.lease, "heartbeat for a lease that is not current: revoked");
             shared.revoke(&r.worker, r.lease, "lease not current: it expired and the job was leased again, or it finished");
         }

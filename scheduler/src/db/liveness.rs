@@ -52,33 +52,34 @@ pub async fn renew_all(pool: &PgPool, renewals: &[Renewal], lease_secs: f64) -> 
     let leases: Vec<Uuid> = one.keys().copied().collect();
     let workers: Vec<&str> = leases.iter().map(|l| one[l].worker.as_str()).collect();
     let take_over: Vec<bool> = leases.iter().map(|l| one[l].take_over).collect();
+    // Rows another transaction holds (a completion, an expiry) are skipped, not waited for:
+    // a renewal of many workers' leases waiting on rows in its own order deadlocked with
+    // completion batches (measured by `proofmesh-bench fleet`). A skipped lease is still
+    // current ([`spared`]), is not revoked, and the next heartbeat renews it.
     const SQL: &str = formatcp!(
-        "UPDATE jobs SET lease_deadline = now() + make_interval(secs => $4),
-                         leased_to = CASE WHEN r.take_over OR jobs.leased_to IS NULL
+        "WITH r AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::bool[]) AS r(lease_id, worker, take_over)),
+         locked AS (SELECT j.id, r.worker, r.take_over FROM jobs j JOIN r ON j.lease_id = r.lease_id
+                    WHERE j.status = {LEASED} ORDER BY j.id FOR UPDATE OF j SKIP LOCKED)
+         UPDATE jobs SET lease_deadline = now() + make_interval(secs => $4),
+                         leased_to = CASE WHEN locked.take_over OR jobs.leased_to IS NULL
                                                OR NOT EXISTS (SELECT 1 FROM workers w
                                                               WHERE w.id = jobs.leased_to AND w.disconnected_at IS NULL)
-                                          THEN r.worker ELSE jobs.leased_to END
-         FROM unnest($1::uuid[], $2::text[], $3::bool[]) AS r(lease_id, worker, take_over)
-         WHERE jobs.lease_id = r.lease_id AND jobs.status = {LEASED}
+                                          THEN locked.worker ELSE jobs.leased_to END
+         FROM locked WHERE jobs.id = locked.id
          RETURNING jobs.lease_id"
     );
     Ok(sqlx::query_scalar(SQL).bind(&leases).bind(&workers).bind(&take_over).bind(lease_secs).fetch_all(pool).await?)
 }
 
-/// The leases among `leases` that ended by their holder's own report (succeeded, failed,
-/// handed back): a heartbeat that raced its report names them, and needs no `Revoke`.
-pub async fn reported(pool: &PgPool, leases: &[Uuid]) -> Result<Vec<Uuid>, DbError> {
+/// The leases among `leases` (not renewed) that must not be revoked: still current (their job
+/// row was held by another transaction, so the renewal skipped it), or ended by their holder's
+/// own report (succeeded, failed, handed back: a heartbeat that raced its report names them).
+pub async fn spared(pool: &PgPool, leases: &[Uuid]) -> Result<Vec<Uuid>, DbError> {
     const SQL: &str = formatcp!(
-        "SELECT lease_id FROM leases WHERE lease_id = ANY($1) AND outcome IN ({SUCCEEDED}, {FAILED}, {HANDED_BACK})"
+        "SELECT lease_id FROM leases WHERE lease_id = ANY($1) AND outcome IN ({SUCCEEDED}, {FAILED}, {HANDED_BACK})
+         UNION SELECT lease_id FROM jobs WHERE lease_id = ANY($1) AND status = {LEASED}"
     );
     Ok(sqlx::query_scalar(SQL).bind(leases).fetch_all(pool).await?)
-}
-
-/// [`renew_all`] for one connection's `leases`. Returns the leases that are not current.
-pub async fn renew(pool: &PgPool, worker: &str, leases: &[Uuid], lease_secs: f64, take_over: bool) -> Result<Vec<Uuid>, DbError> {
-    let renewals: Vec<Renewal> = leases.iter().map(|&lease| Renewal { lease, worker: worker.to_string(), take_over }).collect();
-    let renewed = renew_all(pool, &renewals, lease_secs).await?;
-    Ok(leases.iter().copied().filter(|l| !renewed.contains(l)).collect())
 }
 
 /// Records that the connections `workers` were heard from (their heartbeats since the last
