@@ -389,13 +389,7 @@ async fn poke(url: &str, next_batch: &mut u32) -> anyhow::Result<()> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_string())?.connect().await?;
     let (minor, patch) = queue::OTHER_VERSION;
     v1::batches_client::BatchesClient::new(channel)
-        .submit_batch(v1::SubmitBatchRequest {
-            batch_number: b,
-            protocol_version: Some(v1::ProtocolVersion { minor: minor.into(), patch: patch.into() }),
-            input_key: keys::batch_input(BatchNumber(b)),
-            priority: 0,
-            content_sha256: vec![],
-        })
+        .submit_batch(submit_request(b, minor, patch))
         .await
         .context("SubmitBatch (telling the scheduler the queue changed)")?;
     Ok(())
@@ -499,13 +493,7 @@ async fn fleet_phases(
         while events.try_recv().is_ok() {}
         let (minor, patch) = VERSIONS[k % 2];
         batches
-            .submit_batch(v1::SubmitBatchRequest {
-                batch_number: b,
-                protocol_version: Some(v1::ProtocolVersion { minor: minor.into(), patch: patch.into() }),
-                input_key: keys::batch_input(BatchNumber(b)),
-                priority: 0,
-                content_sha256: vec![],
-            })
+            .submit_batch(submit_request(b, minor, patch))
             .await
             .context("SubmitBatch")?;
         let replied = Instant::now();
@@ -1060,4 +1048,16 @@ fn summary(
             "latency_ms": { "samples": b.latency.len(), "p50": ms_value(pct(&b.latency, 0.5)), "p99": ms_value(pct(&b.latency, 0.99)) },
         })).collect::<Vec<_>>(),
     })
+}
+
+/// The `SubmitBatch` of batch `b` at protocol version `0.minor.patch` (its file is never read:
+/// the simulated witness generator completes at once).
+fn submit_request(b: u32, minor: u16, patch: u16) -> v1::SubmitBatchRequest {
+    v1::SubmitBatchRequest {
+        batch_number: b,
+        protocol_version: Some(v1::ProtocolVersion { minor: minor.into(), patch: patch.into() }),
+        input_key: keys::batch_input(BatchNumber(b)),
+        priority: 0,
+        content_sha256: vec![],
+    }
 }

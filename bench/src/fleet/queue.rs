@@ -86,15 +86,7 @@ pub async fn populate(url: &str, depth: u64) -> anyhow::Result<()> {
     let batches = (depth as i64 + PER_BATCH - 1) / PER_BATCH;
     // batches.geometry: state_tree_depth, tx_chunk, vm_chunk, storage_chunk, leaf_fan_in, node_fan_in, max_node_depth.
     let g = proofmesh_core::Geometry::small();
-    let geometry: Vec<i32> = vec![
-        g.state_tree_depth.into(),
-        g.tx_chunk.into(),
-        g.vm_chunk.into(),
-        g.storage_chunk.into(),
-        g.leaf_fan_in.into(),
-        g.node_fan_in.into(),
-        g.max_node_depth.into(),
-    ];
+    let geometry: Vec<i32> = proofmesh_scheduler::db::geometry_to_row(&g);
     let indexes: Vec<(String, String)> = sqlx::query_as(
         "SELECT indexname::text, indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename = 'jobs'
            AND indexname NOT IN (SELECT conname FROM pg_constraint WHERE conrelid = 'jobs'::regclass)",
