@@ -59,12 +59,17 @@ pub struct Args {
     /// The scheduler binary (default: proofmesh-scheduler next to this binary; `make build`).
     #[arg(long)]
     pub scheduler_bin: Option<PathBuf>,
+    /// Print, after each throughput window, the statements PostgreSQL spent its time on in that
+    /// window (pg_stat_statements, loaded for this run; a diagnostic: it costs a little CPU).
+    #[arg(long)]
+    pub statements: bool,
 }
 
 /// Phase lengths and sample counts.
 #[derive(Debug, Clone)]
 struct Plan {
     quick: bool,
+    statements: bool,
     depths: Vec<u64>,
     ns: Vec<usize>,
     big: Option<usize>,
@@ -91,6 +96,7 @@ impl Plan {
         let s = |quick: f64, full: f64| Duration::from_secs_f64(if q { quick } else { full });
         Plan {
             quick: q,
+            statements: a.statements,
             depths,
             ns,
             big,
@@ -447,12 +453,18 @@ async fn fleet_phases(
         });
         tokio::time::sleep(plan.warmup).await;
         let c0 = fleet.shared.cycle_leases.load(std::sync::atomic::Ordering::SeqCst);
+        if plan.statements {
+            clock.execute("SELECT pg_stat_statements_reset()").await?;
+        }
         let s0 = Snapshot::take(sched_pid, pm);
         let t0 = server_clock(clock).await?;
         tokio::time::sleep(plan.window).await;
         let c1 = fleet.shared.cycle_leases.load(std::sync::atomic::Ordering::SeqCst);
         let s1 = Snapshot::take(sched_pid, pm);
         let t1 = server_clock(clock).await?;
+        if plan.statements {
+            statements(clock, c1 - c0).await?;
+        }
         row.busy = s0.until(&s1, exclude);
         row.cycles = Some(c1 - c0);
         row.window = row.busy.wall;
@@ -540,6 +552,21 @@ async fn fleet_phases(
     Ok((row, requeue))
 }
 
+/// Prints the statements of the window just ended by their total execution time (`--statements`).
+async fn statements(c: &mut PgConnection, cycles: u64) -> anyhow::Result<()> {
+    let rows: Vec<(i64, f64, f64, i64, String)> = sqlx::query_as(
+        "SELECT calls, total_exec_time, total_plan_time, rows, left(regexp_replace(query, '\\s+', ' ', 'g'), 110)
+         FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat_statements%' ORDER BY total_exec_time + total_plan_time DESC LIMIT 15",
+    )
+    .fetch_all(c)
+    .await?;
+    println!("  statements in the window ({cycles} cycles): calls, exec ms, plan ms, rows, us per cycle, query");
+    for (calls, exec, plan, n, q) in rows {
+        println!("    {calls:>7} {exec:>9.1} {plan:>8.1} {n:>7} {:>7.1}  {q}", (exec + plan) * 1000.0 / cycles.max(1) as f64);
+    }
+    Ok(())
+}
+
 /// The baseline at one depth and N, on the copy of the queue.
 async fn baseline_phases(plan: &Plan, url: &str, pm: i32, requeue: Requeue, exclude: &[i32], depth: u64, n: usize) -> anyhow::Result<(BaseRow, Requeue)> {
     let mut requeue = requeue;
@@ -620,15 +647,17 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     std::fs::write(work.path().join("bench.pid"), std::process::id().to_string())?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
 
-    let pg = pg::Postgres::start(&[
-        ("max_connections", "400".into()),
-        ("shared_buffers", "1GB".into()),
-        ("max_wal_size", "8GB".into()),
-    ])
-    .await?;
+    let mut settings = vec![("max_connections", "400".to_string()), ("shared_buffers", "1GB".into()), ("max_wal_size", "8GB".into())];
+    if args.statements {
+        settings.extend([("shared_preload_libraries", "pg_stat_statements".to_string()), ("pg_stat_statements.track_planning", "on".into())]);
+    }
+    let pg = pg::Postgres::start(&settings).await?;
     let base_url = pg.url("").trim_end_matches('/').to_string();
     let mut admin = PgConnection::connect(&pg.url("postgres")).await?;
     let admin_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut admin).await?;
+    if args.statements {
+        admin.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements").await?;
+    }
     let mut shown = vec![];
     for name in ["fsync", "synchronous_commit", "full_page_writes", "wal_level", "shared_buffers", "max_connections", "max_wal_size"] {
         let v: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW {name}"))).fetch_one(&mut admin).await?;

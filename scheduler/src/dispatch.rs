@@ -202,7 +202,14 @@ async fn grant_chunk(
         }
         let tx = match &mut tx {
             Some(tx) => tx,
-            None => tx.insert(shared.pool.begin().await?),
+            None => {
+                let mut t = shared.pool.begin().await?;
+                // The lease statement's plan does not depend on its parameters (index ranges
+                // named by them): plan it once per connection, not on every call (planning
+                // it cost as much as running it).
+                sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan").execute(&mut *t).await?;
+                tx.insert(t)
+            }
         };
         let policy = &shared.settings.policy;
         let request = db::LeaseAsk {

@@ -75,7 +75,7 @@ const CLAIM: &str = formatcp!(
                         NULLIF(old.current, $1) AS superseded, old.holder),
      ended AS (UPDATE leases SET outcome = CASE WHEN leases.lease_id = $1 THEN {SUCCEEDED} ELSE {SUPERSEDED} END,
                                  ended_at = now()
-               FROM done WHERE leases.lease_id = $1 OR (leases.lease_id = done.superseded AND leases.outcome IS NULL)
+               FROM done WHERE leases.lease_id IN ($1, done.superseded) AND (leases.lease_id = $1 OR leases.outcome IS NULL)
                RETURNING 1),
      ready AS (UPDATE jobs SET unfinished_inputs = jobs.unfinished_inputs - 1,
                                status = CASE WHEN jobs.unfinished_inputs = 1 THEN {QUEUED} ELSE jobs.status END,

@@ -172,7 +172,10 @@ const INDEX_ORDER: &str = "urgency DESC, batch_number, aggregation_round DESC, i
 
 /// The lease statement. `$4` and `$6` are the eligible classes' packed versions and pairs (one
 /// element per class): each class's range of the `jobs_queued_class` index is read in order, at
-/// most [`LEASE_WINDOW`] rows, so the statement never looks at another class's jobs.
+/// most [`LEASE_WINDOW`] rows, so the statement never looks at another class's jobs. Without a
+/// memory budget (`$7` and `$8` 0) it reads one row per class: then nothing but the order
+/// decides, and within one class the lease order is the index order (a class is one round and
+/// one circuit id, so its setup-data affinity is the same for all its jobs).
 fn lease_sql() -> String {
     format!(
         "WITH budget AS (
@@ -193,7 +196,8 @@ fn lease_sql() -> String {
                    AND j.aggregation_round = (c.pair >> 8) AND j.circuit_id = (c.pair & 255)
                    AND j.protocol_minor = (c.version >> 16) AND j.protocol_patch = (c.version & 65535)
                    AND j.weight_mib <= COALESCE((SELECT total FROM budget), j.weight_mib)
-                 ORDER BY j.urgency DESC, j.batch_number, j.id LIMIT {LEASE_WINDOW}) j
+                 ORDER BY j.urgency DESC, j.batch_number, j.id
+                 LIMIT CASE WHEN $7 = 0 AND $8 = 0 THEN 1 ELSE {LEASE_WINDOW} END) j
              ORDER BY {INDEX_ORDER} LIMIT {LEASE_WINDOW}),
          ranked AS (
              SELECT c.*, c.weight_mib <= COALESCE(budget.free, c.weight_mib) AS fits,
@@ -212,7 +216,7 @@ fn lease_sql() -> String {
                 p.sequence_number, p.protocol_minor, p.protocol_patch, p.input_key, p.output_key,
                 (extract(epoch FROM p.lease_deadline) * 1000)::bigint AS deadline_ms, b.geometry,
                 COALESCE(extract(epoch FROM now() - p.queued_at), 0)::float8 AS waited_secs, p.weight_mib
-         FROM picked p JOIN batches b USING (batch_number)"
+         FROM picked p CROSS JOIN LATERAL (SELECT geometry FROM batches WHERE batch_number = p.batch_number) b"
     )
 }
 
