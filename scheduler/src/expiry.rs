@@ -2,9 +2,13 @@
 //! deadline may have moved earlier: a lease granted, a worker's stream ended) and then ends every
 //! lease past its deadline. A job whose lease expired is queued again with one more attempt, or
 //! fails with its batch past `max_attempts` (DESIGN.md section 4). Deadlines live in PostgreSQL,
-//! so a restarted scheduler expires what its predecessor leased. When PostgreSQL first answers,
-//! it also marks its predecessor's connections ended (`db::end_old_connections`).
+//! so a restarted scheduler expires what its predecessor leased, but not before every lease has
+//! had the reconnect grace: after the scheduler starts, and after PostgreSQL could not be reached,
+//! the first thing the timer does is move every deadline to at least now + the grace
+//! (`db::outage_grace`), so an outage of the cluster costs no attempt. When PostgreSQL first
+//! answers, it also marks its predecessor's connections ended (`db::end_old_connections`).
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,10 +32,11 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
             let current = shared.registry().ids();
             predecessor_ended = db::end_old_connections(&shared.pool, &current).await.is_ok();
         }
-        let wait = match expire_due(&shared).await.and(db::next_deadline_secs(&shared.pool).await) {
+        let wait = match after_outage(&shared).await.and(expire_due(&shared).await).and(db::next_deadline_secs(&shared.pool).await) {
             Ok(Some(secs)) => Duration::from_secs_f64(secs.max(0.0)) + Duration::from_millis(5),
             Ok(None) => IDLE,
             Err(e) => {
+                shared.outage.store(true, Ordering::SeqCst);
                 tracing::error!("lease expiry: {e}");
                 Duration::from_secs(1)
             }
@@ -40,6 +45,28 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
             _ = tokio::time::sleep(wait) => {}
             _ = moved => {}
             _ = cancel.cancelled() => return,
+        }
+    }
+}
+
+/// After an outage ([`Shared::outage`]: this scheduler just started, or PostgreSQL did not
+/// answer a renewal or this timer), gives every lease the reconnect grace before anything
+/// expires: the workers were heartbeating into a scheduler or a database that was not there.
+/// The flag is cleared only once the grace is written.
+async fn after_outage(shared: &Shared) -> Result<(), DbError> {
+    if !shared.outage.swap(false, Ordering::SeqCst) {
+        return Ok(());
+    }
+    match db::outage_grace(&shared.pool, shared.settings.reconnect_grace_secs).await {
+        Ok(n) => {
+            if n > 0 {
+                tracing::info!(leases = n, "after an outage, every lease has {:.0} s to be renewed before it can expire", shared.settings.reconnect_grace_secs);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            shared.outage.store(true, Ordering::SeqCst);
+            Err(e)
         }
     }
 }

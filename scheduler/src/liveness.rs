@@ -49,7 +49,12 @@ pub async fn renew_queued(shared: &Shared) {
     }
     match db::renew_all(&shared.pool, &queued, shared.settings.lease_secs).await {
         Ok(renewed) => renewed_effects(shared, &queued, &renewed).await,
-        Err(e) => tracing::warn!(renewals = queued.len(), "renewing leases: {e} (the next heartbeats renew them)"),
+        Err(e) => {
+            // Their deadlines may pass before PostgreSQL answers again: not the workers' fault.
+            shared.outage.store(true, std::sync::atomic::Ordering::SeqCst);
+            shared.deadlines.notify_one();
+            tracing::warn!(renewals = queued.len(), "renewing leases: {e} (the next heartbeats renew them)")
+        }
     }
 }
 

@@ -140,6 +140,11 @@ pub struct Shared {
     /// Woken when a lease deadline may have moved earlier (a lease granted, a worker gone), for
     /// the expiry timer.
     pub deadlines: Notify,
+    /// Leases may have gone without renewal through no fault of their workers: set at start-up
+    /// (the scheduler was down) and whenever a renewal or the expiry timer could not reach
+    /// PostgreSQL; the expiry timer gives every lease the reconnect grace before it expires
+    /// any, then clears it ([`crate::expiry`]).
+    pub outage: AtomicBool,
 }
 
 impl Shared {
@@ -158,6 +163,7 @@ impl Shared {
             batch_events: broadcast::channel(1024).0,
             artifacts,
             deadlines: Notify::new(),
+            outage: AtomicBool::new(true),
         })
     }
 

@@ -259,19 +259,44 @@ async fn serve_worker(
                 tracing::info!(worker = %id, "draining: no more leases or witness vectors");
             }
             Some(worker_message::Msg::Completed(c)) => {
-                if let Err(e) = completed(shared, id, identity, c, outbox).await {
-                    return format!("recording a completion: {e} (the worker sends it again)");
+                let lease = c.lease_id.clone();
+                match completed(shared, id, identity, c, outbox).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_deterministic() => poisoned(shared, id, &lease, "its completion", &e, outbox).await,
+                    Err(e) => return format!("recording a completion: {e} (the worker sends it again)"),
                 }
             }
-            Some(worker_message::Msg::Failed(f)) => {
-                if let Err(e) = failed(shared, id, identity, f, outbox).await {
-                    return format!("recording a failure: {e} (the worker sends it again)");
+            Some(worker_message::Msg::Failed(mut f)) => {
+                f.error = db::storable_text(&f.error).into_owned();
+                let lease = f.lease_id.clone();
+                match failed(shared, id, identity, f, outbox).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_deterministic() => poisoned(shared, id, &lease, "its failure", &e, outbox).await,
+                    Err(e) => return format!("recording a failure: {e} (the worker sends it again)"),
                 }
             }
             Some(worker_message::Msg::Register(_)) | None => {
                 refuse(outbox, "", "unexpected message (Register is only the first message)").await;
             }
         }
+    }
+}
+
+/// A report that PostgreSQL refuses on its data (issue 16 rule 8: [`DbError::is_deterministic`]):
+/// sending it again cannot help, so it is answered `Refused` and the stream goes on. Its lease
+/// ends as a retryable failure naming why, so the job runs again (and, if every attempt's report
+/// is refused, fails with that reason) instead of waiting for the lease to expire.
+async fn poisoned(shared: &Shared, worker: &str, lease_id: &str, what: &str, e: &DbError, outbox: &Outbox) {
+    let reason = format!("the scheduler cannot record {what}: {e}");
+    tracing::error!(worker, lease = lease_id, "{reason}: refused");
+    refuse(outbox, lease_id, &reason).await;
+    let Some(lease) = parse_lease(lease_id) else { return };
+    match db::end_lease(&shared.pool, lease, &db::storable_text(&reason), true, EndReason::Failed).await {
+        Ok(Some(ended)) => {
+            shared.apply(LeaseEnd { outcome: LeaseOutcome::Failed, lease: Some(lease), job: &ended.job, batch: ended.batch_number, taken_from: None });
+        }
+        Ok(None) | Err(DbError::StaleLease(_)) => {}
+        Err(e) => tracing::error!(worker, lease = lease_id, "ending the lease of a refused report: {e} (it expires)"),
     }
 }
 

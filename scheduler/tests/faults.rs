@@ -319,3 +319,123 @@ async fn heartbeats_keep_leases_alive_while_every_core_is_proving() {
     runner.await.unwrap();
     stop.cancel();
 }
+
+/// Issue 16 rule 7: a scheduler outage longer than a lease costs no attempt. The lease's
+/// deadline passes while no scheduler runs; the next scheduler gives it the reconnect grace
+/// before anything expires, so the worker that reconnects a while later still holds it and its
+/// result is the job's first and only attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_outage_longer_than_a_lease_costs_no_attempt() {
+    let (pool, _) = fresh_database().await;
+    let outage_settings = || Settings { lease_secs: 1.0, reconnect_grace_secs: 4.0, heartbeat_ms: 200, ..settings() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let s = serve_on(pool.clone(), outage_settings(), listener);
+    let mut wg = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h1", 1, "")).await;
+    wg.credit(1);
+    submit(&s.url, 4).await;
+    let lease = wg.lease().await;
+
+    // The scheduler is down for twice the lease lifetime.
+    s.cancel.cancel();
+    drop(s);
+    drop(wg);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let s2 = serve_on(pool.clone(), outage_settings(), listener);
+    // The worker takes a while to come back (its reconnect backoff): nothing expires meanwhile.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, attempts) = round0_attempts(&pool, 4).await;
+    assert_eq!((status.as_str(), attempts), ("leased", 1), "the lease outlived the outage");
+    assert_eq!(round0_leases(&pool, 4).await, vec![(None, 1)], "no lease ended");
+
+    let mut back = RawWorker::connect(&s2.url, v1::Register { held_leases: vec![lease.lease_id.clone()], ..register(Role::WitnessGenerator, "a", "h1", 1, "") }).await;
+    back.heartbeat(&[&lease.lease_id]);
+    back.complete(&lease.lease_id, &[(1, 1), (2, 1), (3, 1)]);
+    back.expect_recorded(&lease.lease_id).await;
+    assert_eq!(round0_attempts(&pool, 4).await, ("succeeded".into(), 1));
+    assert_eq!(round0_leases(&pool, 4).await, vec![(Some("succeeded".into()), 1)]);
+
+    // The grace is a grace, not a reprieve: a lease nobody renews after the outage expires.
+    let mut other = RawWorker::connect(&s2.url, register(Role::WitnessGenerator, "a", "h2", 1, "")).await;
+    other.credit(1);
+    submit(&s2.url, 5).await;
+    let hung = other.lease().await;
+    match other.next(Duration::from_secs(5)).await {
+        Some(Msg::Revoke(r)) => assert_eq!(r.lease_id, hung.lease_id, "expired after its own lifetime"),
+        m => panic!("expected Revoke, got {m:?}"),
+    }
+}
+
+/// Issue 16 rule 8: an error text PostgreSQL cannot store (a NUL byte) is recorded, cleaned,
+/// and the stream goes on; before, the statement failed, the stream ended, and the worker sent
+/// the same report again after every reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_whose_text_postgresql_cannot_store_is_recorded_and_the_stream_goes_on() {
+    let s = start_scheduler_with(settings()).await;
+    let mut wg = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h1", 1, "")).await;
+    wg.credit(1);
+    submit(&s.url, 6).await;
+    let lease = wg.lease().await;
+    let f = v1::Failed { lease_id: lease.lease_id.clone(), error: "bad\0byte".into(), retryable: true, handed_back: false, bad_inputs: vec![] };
+    wg.send(v1::worker_message::Msg::Failed(f));
+    wg.expect_recorded(&lease.lease_id).await;
+    let error: Option<String> = sqlx::query_scalar("SELECT error FROM jobs WHERE batch_number = 6 AND aggregation_round = 0 AND kind = 'witness_generation'")
+        .fetch_one(&s.shared.pool)
+        .await
+        .unwrap();
+    assert_eq!(error.as_deref(), Some("bad\u{fffd}byte"));
+    // The same stream leases the job again.
+    wg.credit(1);
+    let again = wg.lease().await;
+    assert_eq!(again.job, lease.job);
+}
+
+/// Issue 16 rule 8: a completion PostgreSQL refuses on its data (here a CHECK constraint the
+/// test adds, SQLSTATE 23514) is answered `Refused`, its lease ends as a retryable failure with
+/// the reason, and the worker's other reports on the same stream are recorded; until the
+/// attempts run out and the job fails with that reason. Before, the stream ended and the worker
+/// reconnected and resent it for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_postgresql_refuses_is_refused_without_blocking_the_stream() {
+    let s = start_scheduler_with(Settings { max_attempts: MaxAttempts::uniform(2), ..settings() }).await;
+    sqlx::query("ALTER TABLE jobs ADD CONSTRAINT test_poison CHECK (NOT (batch_number = 7 AND status = 'succeeded'))")
+        .execute(&s.shared.pool)
+        .await
+        .unwrap();
+    let mut wg = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h1", 2, "")).await;
+    submit(&s.url, 7).await;
+    submit(&s.url, 8).await;
+    wg.credit(2);
+    let (a, b) = (wg.lease().await, wg.lease().await);
+    let (poison, good) = if a.job.as_ref().unwrap().batch_number == 7 { (a, b) } else { (b, a) };
+    wg.complete(&poison.lease_id, &[(1, 1), (2, 1), (3, 1)]);
+    wg.complete(&good.lease_id, &[(1, 1), (2, 1), (3, 1)]);
+    let mut answers = vec![];
+    while answers.len() < 2 {
+        match wg.next_any(Duration::from_secs(10)).await {
+            Some(Msg::Refused(r)) => answers.push((r.lease_id, format!("refused: {}", r.reason))),
+            Some(Msg::Recorded(r)) => answers.push((r.lease_id, "recorded".into())),
+            m => panic!("expected Refused and Recorded, got {m:?}"),
+        }
+    }
+    answers.sort_by_key(|(l, _)| *l != poison.lease_id);
+    assert_eq!(answers[0].0, poison.lease_id);
+    assert!(answers[0].1.contains("cannot record its completion") && answers[0].1.contains("test_poison"), "{}", answers[0].1);
+    assert_eq!(answers[1], (good.lease_id.clone(), "recorded".to_string()));
+    // The poisoned job runs again at once (no expiry wait), on the same stream ...
+    wg.credit(1);
+    let retry = wg.lease().await;
+    assert_eq!(retry.job, poison.job);
+    assert_eq!(round0_attempts(&s.shared.pool, 7).await, ("leased".into(), 2));
+    // ... and fails with the reason when its attempts run out.
+    wg.complete(&retry.lease_id, &[(1, 1), (2, 1), (3, 1)]);
+    match wg.next_any(Duration::from_secs(10)).await {
+        Some(Msg::Refused(r)) => assert_eq!(r.lease_id, retry.lease_id),
+        m => panic!("expected Refused, got {m:?}"),
+    }
+    wait_for("the batch to fail", || async { get_batch(&s.url, 7).await.state == v1::BatchState::Failed as i32 }).await;
+    let batch = get_batch(&s.url, 7).await;
+    assert!(batch.error.contains("cannot record its completion"), "{}", batch.error);
+    assert_eq!(round0_status(&s.shared.pool, 8).await, "succeeded");
+}

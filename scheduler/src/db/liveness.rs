@@ -102,6 +102,21 @@ pub async fn end_old_connections(pool: &PgPool, current: &[String]) -> Result<u6
         .rows_affected())
 }
 
+/// After an outage (the scheduler down, or PostgreSQL unreachable): every current lease gets
+/// at least `grace_secs` from now, so its worker can reconnect and renew it before anything
+/// expires (issue 16 rule 7: an outage of the cluster costs no attempt). Returns how many
+/// deadlines moved.
+pub async fn outage_grace(pool: &PgPool, grace_secs: f64) -> Result<u64, DbError> {
+    Ok(sqlx::query(formatcp!(
+        "UPDATE jobs SET lease_deadline = now() + make_interval(secs => $1)
+         WHERE status = {LEASED} AND lease_deadline < now() + make_interval(secs => $1)"
+    ))
+    .bind(grace_secs)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// The leases whose deadline has passed.
 pub async fn due_leases(pool: &PgPool) -> Result<Vec<Uuid>, DbError> {
     Ok(sqlx::query_scalar(formatcp!("SELECT lease_id FROM jobs WHERE status = {LEASED} AND lease_deadline <= now()"))

@@ -1,9 +1,10 @@
 //! Every SQL statement of the scheduler. Each transition is one statement guarded by the
 //! expected status and, for completions, the lease id (compare-and-set, DESIGN.md section 4).
 //!
-//! Readiness is not a counter: a waiting job becomes queued in the transaction that records the
-//! success of its last input, by checking that no input is still unfinished after locking the
-//! waiting job's row (so two inputs finishing at once cannot both miss it).
+//! Readiness is a counter: each waiting job holds how many of its inputs are unfinished
+//! (`jobs.unfinished_inputs`); the claim of a success counts it down in every job the success
+//! feeds and queues those that reach 0 (`complete::CLAIM`; two inputs finishing at once
+//! serialize on the waiting job's row, so exactly one of them queues it).
 
 use proofmesh_core::{keys, BatchNumber, CircuitId, Geometry, ProtocolVersion};
 use sqlx::PgPool;
@@ -48,6 +49,42 @@ pub enum DbError {
     /// Stored data that the scheduler cannot interpret.
     #[error("job state: {0}")]
     Invalid(String),
+}
+
+impl DbError {
+    /// Whether trying again cannot help: the statement failed on its data (SQLSTATE class 22,
+    /// data exception, or 23, integrity constraint violation; PostgreSQL's appendix A), or the
+    /// job state refused it. A report that fails so is answered `Refused` (issue 16 rule 8), not
+    /// by ending the worker's stream, which would make it reconnect and send it again for ever.
+    /// Connection errors, timeouts, serialization failures and deadlocks are transient: `false`.
+    pub fn is_deterministic(&self) -> bool {
+        match self {
+            DbError::Sql(sqlx::Error::Database(e)) => e.code().is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+            DbError::Refused(_) | DbError::Conflict(_) | DbError::Invalid(_) => true,
+            DbError::Sql(_) | DbError::StaleLease(_) => false,
+        }
+    }
+}
+
+/// Longest worker-supplied text (an error message) the job state keeps, bytes.
+pub const MAX_REPORTED_TEXT: usize = 4096;
+
+/// `text` as PostgreSQL can store it and an operator can read it: NUL (which a `text` value
+/// cannot hold: SQLSTATE 22021) replaced by U+FFFD, and cut to [`MAX_REPORTED_TEXT`] bytes at a
+/// character boundary, with a marker saying so.
+pub fn storable_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_REPORTED_TEXT && !text.contains('\0') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut cut = MAX_REPORTED_TEXT.min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut out = text[..cut].replace('\0', "\u{fffd}");
+    if cut < text.len() {
+        out.push_str(&format!(" [cut: {} bytes in all]", text.len()));
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// What a job is: the identity columns every job query reads (flattened into its row type).
@@ -136,3 +173,19 @@ pub fn geometry_from_row(v: &[i32]) -> Result<Geometry, DbError> {
     })
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reported_text_is_kept_storable_and_bounded() {
+        assert!(matches!(storable_text("plain"), std::borrow::Cow::Borrowed("plain")));
+        assert_eq!(storable_text("a\0b"), "a\u{fffd}b");
+        let long = "é".repeat(MAX_REPORTED_TEXT);
+        let cut = storable_text(&long);
+        assert!(cut.len() < MAX_REPORTED_TEXT + 40, "{}", cut.len());
+        assert!(cut.ends_with(&format!(" [cut: {} bytes in all]", long.len())), "{cut}");
+        assert!(cut.starts_with("éé"));
+    }
+}

@@ -114,6 +114,11 @@ impl RawWorker {
         RawWorker { id: r.worker_id, tx, inbound }
     }
 
+    /// Sends any message.
+    pub fn send(&self, m: worker_message::Msg) {
+        self.tx.send(msg(m)).unwrap();
+    }
+
     pub fn credit(&self, n: u32) {
         self.tx.send(msg(worker_message::Msg::Credit(v1::Credit { n }))).unwrap();
     }
