@@ -7,7 +7,8 @@
 //! 1. the classes of queued work (`db::queued_classes`: kind, round, circuit id, protocol
 //!    version), read again only when the job state changed ([`Shared::take_queue_changed`]);
 //! 2. every ready worker matched in memory against them (kind, versions, prover group; a WVG
-//!    also needs a free compatible prover): a worker with nothing eligible costs no SQL;
+//!    also needs a free compatible prover, and tries each in order until one is granted): a
+//!    worker with nothing eligible costs no SQL;
 //! 3. one lease statement per matched worker, naming its eligible classes, all in one
 //!    transaction (at most [`MAX_LEASES_PER_COMMIT`]): one durable commit for the pass;
 //! 4. after the commit, the leases are sent. A statement that finds nothing for a worker no
@@ -96,15 +97,19 @@ struct MatchedProver {
     slot_leases: Vec<uuid::Uuid>,
 }
 
-/// Decides, under the registry's lock, what to ask the database for on `worker`'s behalf; `None`
-/// when it can take nothing now (not a leasing role, or a WVG without a compatible free prover).
-fn ask_for(shared: &Shared, worker: &str) -> Option<Ask> {
+/// Decides, under the registry's lock, what to ask the database for on `worker`'s behalf, each
+/// ask with its classes among `classes`; empty when it can take nothing now (not a leasing role,
+/// no eligible class, or a WVG without a free prover that can take one). A WVG gets one ask per
+/// prover it may be matched with ([`crate::registry::Registry::provers_for`], best first), each
+/// limited to what both take, without the provers for which nothing is queued: the pass tries
+/// them in order until one is granted, so no job waits while a prover that can take it is free.
+fn asks_for(shared: &Shared, worker: &str, classes: &[QueuedClass]) -> Vec<(Ask, Vec<QueuedClass>)> {
     let reg = shared.registry();
-    let conn = reg.get(worker).filter(|c| !c.quarantined)?;
-    let kind = kind_of(conn.role)?;
+    let Some(conn) = reg.get(worker).filter(|c| !c.quarantined) else { return vec![] };
+    let Some(kind) = kind_of(conn.role) else { return vec![] };
     let budget = |mib: u64| i64::try_from(mib).unwrap_or(i64::MAX);
     let affinity = shared.settings.policy.setup_affinity;
-    let mut ask = Ask {
+    let own = Ask {
         kind,
         versions: conn.versions.clone(),
         pairs: conn.pairs.clone(),
@@ -114,9 +119,24 @@ fn ask_for(shared: &Shared, worker: &str) -> Option<Ask> {
         prover: None,
         identity: conn.identity.clone(),
     };
-    if conn.role == Role::Wvg {
-        // pick_prover only picks a prover that shares a version and a pair with the WVG.
-        let p = reg.get(&reg.pick_prover(conn, shared.settings.zone_policy)?).expect("picked from the registry");
+    if conn.role != Role::Wvg {
+        let eligible = db::eligible(classes, kind, &own.versions, &own.pairs);
+        return if eligible.is_empty() { vec![] } else { vec![(own, eligible)] };
+    }
+    let mut asks = vec![];
+    // provers_for only lists provers that share a version and a pair with the WVG.
+    for id in reg.provers_for(conn, shared.settings.zone_policy) {
+        let p = reg.get(&id).expect("listed from the registry");
+        let mut ask = Ask {
+            kind,
+            versions: own.versions.clone(),
+            pairs: vec![],
+            warm: vec![],
+            warm_own: vec![],
+            budget_mib: own.budget_mib,
+            prover: None,
+            identity: own.identity.clone(),
+        };
         // A WVG lease must suit both the WVG and its prover ...
         if !p.versions.is_empty() {
             ask.versions = if conn.versions.is_empty() {
@@ -125,10 +145,15 @@ fn ask_for(shared: &Shared, worker: &str) -> Option<Ask> {
                 conn.versions.iter().copied().filter(|v| p.versions.contains(v)).collect()
             };
         }
-        ask.pairs = crate::groups::intersect(&conn.pairs, &p.pairs)?;
+        let Some(pairs) = crate::groups::intersect(&conn.pairs, &p.pairs) else { continue };
+        ask.pairs = pairs;
+        let eligible = db::eligible(classes, kind, &ask.versions, &ask.pairs);
+        if eligible.is_empty() {
+            continue;
+        }
         // ... and the setup data that counts is the prover's (proving is the heavy part).
         if affinity {
-            ask.warm_own = std::mem::take(&mut ask.warm);
+            ask.warm_own = conn.loaded_setups.clone();
             ask.warm = p.loaded_setups.clone();
         }
         ask.prover = Some(MatchedProver {
@@ -138,8 +163,9 @@ fn ask_for(shared: &Shared, worker: &str) -> Option<Ask> {
             budget_mib: budget(p.memory_budget_mib),
             slot_leases: reg.slot_leases(&p.id),
         });
+        asks.push((ask, eligible));
     }
-    Some(ask)
+    asks
 }
 
 /// A lease granted in the pass's transaction, not yet committed or sent.
@@ -195,64 +221,68 @@ async fn grant_chunk(
 ) -> Result<(), db::DbError> {
     let mut tx = None;
     for worker in workers.by_ref() {
-        let Some(ask) = ask_for(shared, worker) else { continue };
-        let eligible = db::eligible(classes, ask.kind, &ask.versions, &ask.pairs);
-        if eligible.is_empty() {
-            continue;
+        for (ask, eligible) in asks_for(shared, worker, classes) {
+            // A miss for an earlier prover may have shown some of these classes empty.
+            let eligible: Vec<QueuedClass> = eligible.into_iter().filter(|c| classes.contains(c)).collect();
+            if eligible.is_empty() {
+                continue;
+            }
+            let tx = match &mut tx {
+                Some(tx) => tx,
+                None => {
+                    let mut t = shared.pool.begin().await?;
+                    // The lease statement's plan does not depend on its parameters (index ranges
+                    // named by them): plan it once per connection, not on every call (planning
+                    // it cost as much as running it).
+                    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan").execute(&mut *t).await?;
+                    tx.insert(t)
+                }
+            };
+            let policy = &shared.settings.policy;
+            let request = db::LeaseAsk {
+                kind: ask.kind,
+                worker,
+                versions: &ask.versions,
+                pairs: &ask.pairs,
+                lease_secs: shared.settings.lease_secs,
+                warm: &ask.warm,
+                warm_own: &ask.warm_own,
+                budget_mib: ask.budget_mib,
+                prover_budget_mib: ask.prover.as_ref().map_or(0, |p| p.budget_mib),
+                prover_leases: ask.prover.as_ref().map_or(&[], |p| &p.slot_leases),
+                reserve_after_secs: policy.reserve_after_secs,
+                identity: ask.identity.as_deref(),
+                prover_identity: ask.prover.as_ref().and_then(|p| p.identity.as_deref()),
+            };
+            let job = db::lease_in(tx, &request, &eligible).await?;
+            shared.dispatch_stats.lease_statements.fetch_add(1, Ordering::Relaxed);
+            let result = if job.is_some() { "hit" } else { "miss" };
+            metrics::counter!(proofmesh_core::telemetry::names::LEASE_STATEMENTS, "result" => result).increment(1);
+            let Some(job) = job else {
+                if request.unbudgeted() {
+                    // Nothing of these classes is queued: no later worker needs to ask for them.
+                    classes.retain(|c| !eligible.contains(c));
+                }
+                // A WVG tries its next prover (a budget that binds here may not bind there).
+                continue;
+            };
+            let inputs = match ask.kind {
+                JobKind::WitnessGeneration if job.job.aggregation_round > 0 => db::input_artifacts(tx, job.id).await?,
+                _ => job.input_key.clone().map(|k| vec![(k, 0)]).unwrap_or_default(),
+            };
+            {
+                let mut reg = shared.registry();
+                if let Some(p) = &ask.prover {
+                    reg.hold_slot(&p.id, job.lease_id);
+                }
+                if let Some(conn) = reg.get_mut(worker) {
+                    conn.credits = conn.credits.saturating_sub(1);
+                }
+            }
+            shared.dispatch_stats.leases.fetch_add(1, Ordering::Relaxed);
+            grants.push(Grant { worker: worker.clone(), job, inputs, prover: ask.prover, identity: ask.identity });
+            break;
         }
-        let tx = match &mut tx {
-            Some(tx) => tx,
-            None => {
-                let mut t = shared.pool.begin().await?;
-                // The lease statement's plan does not depend on its parameters (index ranges
-                // named by them): plan it once per connection, not on every call (planning
-                // it cost as much as running it).
-                sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan").execute(&mut *t).await?;
-                tx.insert(t)
-            }
-        };
-        let policy = &shared.settings.policy;
-        let request = db::LeaseAsk {
-            kind: ask.kind,
-            worker,
-            versions: &ask.versions,
-            pairs: &ask.pairs,
-            lease_secs: shared.settings.lease_secs,
-            warm: &ask.warm,
-            warm_own: &ask.warm_own,
-            budget_mib: ask.budget_mib,
-            prover_budget_mib: ask.prover.as_ref().map_or(0, |p| p.budget_mib),
-            prover_leases: ask.prover.as_ref().map_or(&[], |p| &p.slot_leases),
-            reserve_after_secs: policy.reserve_after_secs,
-            identity: ask.identity.as_deref(),
-            prover_identity: ask.prover.as_ref().and_then(|p| p.identity.as_deref()),
-        };
-        let job = db::lease_in(tx, &request, &eligible).await?;
-        shared.dispatch_stats.lease_statements.fetch_add(1, Ordering::Relaxed);
-        let result = if job.is_some() { "hit" } else { "miss" };
-        metrics::counter!(proofmesh_core::telemetry::names::LEASE_STATEMENTS, "result" => result).increment(1);
-        let Some(job) = job else {
-            if request.unbudgeted() {
-                // Nothing of these classes is queued: no later worker needs to ask for them.
-                classes.retain(|c| !eligible.contains(c));
-            }
-            continue;
-        };
-        let inputs = match ask.kind {
-            JobKind::WitnessGeneration if job.job.aggregation_round > 0 => db::input_artifacts(tx, job.id).await?,
-            _ => job.input_key.clone().map(|k| vec![(k, 0)]).unwrap_or_default(),
-        };
-        {
-            let mut reg = shared.registry();
-            if let Some(p) = &ask.prover {
-                reg.hold_slot(&p.id, job.lease_id);
-            }
-            if let Some(conn) = reg.get_mut(worker) {
-                conn.credits = conn.credits.saturating_sub(1);
-            }
-        }
-        shared.dispatch_stats.leases.fetch_add(1, Ordering::Relaxed);
-        grants.push(Grant { worker: worker.clone(), job, inputs, prover: ask.prover, identity: ask.identity });
         if grants.len() >= MAX_LEASES_PER_COMMIT {
             break;
         }

@@ -145,13 +145,24 @@ impl Registry {
     /// The prover for a lease of `wvg`: one with a free slot that shares a protocol version and a
     /// pair of its prover group with the WVG (when both declare them), on the same host first, then in the
     /// same zone, then (only under [`ZonePolicy::CrossZoneWhenNoneFree`]) any; among equals the
-    /// one with the most free slots. `None` if no prover qualifies.
+    /// one with the most free slots. `None` if no prover qualifies. The first of [`Self::provers_for`].
+    #[cfg(test)]
     pub fn pick_prover(&self, wvg: &Conn, policy: ZonePolicy) -> Option<String> {
-        let mut best: Option<(u8, u32, &str)> = None;
+        self.provers_for(wvg, policy).into_iter().next()
+    }
+
+    /// Every prover `wvg` may be matched with now, best first: free, not draining or
+    /// quarantined, sharing a protocol version and a pair of the WVG's prover group; the same
+    /// host, then the same zone, then (with [`ZonePolicy::CrossZoneWhenNoneFree`]) another zone;
+    /// among equals the one with the most free slots, then by id. The dispatcher tries them in
+    /// this order until one can take a queued job (issue 16 rule 5: no job waits while a prover
+    /// that can take it is free).
+    pub fn provers_for(&self, wvg: &Conn, policy: ZonePolicy) -> Vec<String> {
         let fits = |p: &Conn| {
             let versions = wvg.versions.is_empty() || p.versions.is_empty() || wvg.versions.iter().any(|v| p.versions.contains(v));
             versions && crate::groups::intersect(&wvg.pairs, &p.pairs).is_some()
         };
+        let mut ranked: Vec<(u8, u32, &str)> = vec![];
         for p in self.workers.values().filter(|p| p.role == Role::Prover && p.slots_used < p.capacity && !p.draining && !p.quarantined && fits(p)) {
             let locality = match (p.zone == wvg.zone, p.host == wvg.host) {
                 (true, true) => 0,
@@ -159,13 +170,10 @@ impl Registry {
                 (false, _) if policy == ZonePolicy::CrossZoneWhenNoneFree => 2,
                 _ => continue,
             };
-            let free = p.capacity - p.slots_used;
-            let key = (locality, u32::MAX - free, p.id.as_str());
-            if best.is_none_or(|b| key < b) {
-                best = Some(key);
-            }
+            ranked.push((locality, u32::MAX - (p.capacity - p.slots_used), p.id.as_str()));
         }
-        best.map(|(_, _, id)| id.to_string())
+        ranked.sort_unstable();
+        ranked.into_iter().map(|(_, _, id)| id.to_string()).collect()
     }
 
     /// Holds a slot of `prover` for `lease` (nothing if it holds one there already).

@@ -518,3 +518,46 @@ async fn no_batch_and_no_heavy_job_starves_over_a_long_mixed_run() {
     let wvg_leases = workers.into_iter().nth(1).unwrap().await.unwrap();
     assert!(wvg_leases.iter().any(|l| l.job.as_ref().unwrap().circuit_id == 1), "heavy jobs were leased");
 }
+
+/// Issue 16 rule 5: a WVG is matched against every free prover it may use (host, then zone)
+/// until a queued job fits one. The prover on the WVG's own host cannot take the queued job
+/// (`near`: its prover group, or its protocol versions); a prover on another host of the zone
+/// can (`far`). Before, the WVG was matched with its host's prover only, and the job waited
+/// while the other prover idled. Returns the prover the lease was matched with, and `near`'s id.
+async fn matched_prover(near: v1::Register, far: v1::Register, job_version: v1::ProtocolVersion, circuit: u32) -> (String, String, String) {
+    let groups = ProverGroups::parse(GROUPS).unwrap();
+    let s = start_scheduler_with(Settings { prover_groups: Some(groups), ..settings() }).await;
+    register_version(&s.url, version(1, 1)).await;
+    let near = RawWorker::connect(&s.url, v1::Register { host: "h1".into(), ..near }).await;
+    let far = RawWorker::connect(&s.url, v1::Register { host: "h2".into(), ..far }).await;
+    let mut wg = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h3", 1, "")).await;
+    wg.credit(1);
+    assert!(submit_as(&s.url, 1, job_version, 0).await.unwrap());
+    let l = wg.lease().await;
+    wg.complete(&l.lease_id, &[(circuit, 1)]);
+    wg.expect_recorded(&l.lease_id).await;
+    let mut wvg = RawWorker::connect(&s.url, register(Role::Wvg, "a", "h1", 1, "")).await;
+    wvg.credit(1);
+    let lease = wvg.lease().await;
+    assert_eq!(lease.job.as_ref().map(|j| (j.aggregation_round, j.circuit_id)), Some((0, circuit)));
+    (lease.prover_worker_id, near.id.clone(), far.id.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_job_never_waits_while_a_prover_of_its_group_is_free() {
+    let prover = |endpoint: &str, group| v1::Register { prover_group: Some(group), ..register(Role::Prover, "a", "", 4, endpoint) };
+    // Round 0 has one circuit of type 2: group 2's pair, not group 1's.
+    let (matched, near, far) = matched_prover(prover("http://near:1", 1), prover("http://far:1", 2), version(1, 0), 2).await;
+    assert_eq!(matched, far, "matched with the one prover whose group takes pair 0/2");
+    // And the near prover still comes first when it can take the job.
+    let (matched, near2, _) = matched_prover(prover("http://near:1", 1), prover("http://far:1", 2), version(1, 0), 1).await;
+    assert_eq!(matched, near2, "the same host first");
+    assert_ne!(near, far);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_job_never_waits_while_a_prover_of_its_version_is_free() {
+    let prover = |endpoint: &str, v| v1::Register { protocol_versions: vec![v], ..register(Role::Prover, "a", "", 4, endpoint) };
+    let (matched, _, far) = matched_prover(prover("http://near:1", version(1, 0)), prover("http://far:1", version(1, 1)), version(1, 1), 1).await;
+    assert_eq!(matched, far, "matched with the one prover that proves 0.1.1");
+}
