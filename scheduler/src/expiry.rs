@@ -73,16 +73,27 @@ async fn after_outage(shared: &Shared) -> Result<(), DbError> {
 
 /// Ends every lease past its deadline; revokes it on the stream that still holds it (a hung worker).
 async fn expire_due(shared: &Shared) -> Result<(), DbError> {
-    let due = db::due_leases(&shared.pool).await?;
+    let due = db::due_leases(&shared.pool, &shared.settings.max_lease_age).await?;
     if due.is_empty() {
         return Ok(());
     }
-    let reason = format!(
+    let silent = format!(
         "lease expired: no heartbeat within {:.0} s, or its worker's stream ended and it did not reconnect within {:.0} s",
         shared.settings.lease_secs, shared.settings.reconnect_grace_secs
     );
-    for lease in due {
-        let ended = match db::end_lease(&shared.pool, lease, &reason, true, EndReason::Expired).await {
+    let ages = &shared.settings.max_lease_age;
+    for (lease, too_old) in due {
+        let reason = if too_old {
+            format!(
+                "lease expired at its maximum age (witness generation {:.0} s, proving {:.0} s, compression {:.0} s) although its worker \
+                 heartbeats: its stage hangs or is far slower than it should be",
+                ages.witness_generation, ages.proving, ages.compression
+            )
+        } else {
+            silent.clone()
+        };
+        let reason = reason.as_str();
+        let ended = match db::end_lease(&shared.pool, lease, reason, true, EndReason::Expired).await {
             Ok(Some(ended)) => ended,
             // Renewed or finished since it was read.
             Ok(None) | Err(DbError::StaleLease(_)) => continue,
@@ -94,7 +105,7 @@ async fn expire_due(shared: &Shared) -> Result<(), DbError> {
             lease: Some(lease),
             job: &ended.job,
             batch: ended.batch_number,
-            taken_from: Some((ended.holder.as_deref(), &reason)),
+            taken_from: Some((ended.holder.as_deref(), reason)),
         });
     }
     Ok(())

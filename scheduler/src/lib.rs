@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use groups::ProverGroups;
 pub use registry::ZonePolicy;
-pub use state::{Housekeeping, MaxAttempts, Policy, Settings, Shared};
+pub use state::{Housekeeping, MaxAttempts, MaxLeaseAge, Policy, Settings, Shared};
 pub use weights::JobWeights;
 
 /// Applies the migrations in `scheduler/migrations` (idempotent). A database that knows no

@@ -47,7 +47,7 @@ pub async fn renew_queued(shared: &Shared) {
     if queued.is_empty() {
         return;
     }
-    match db::renew_all(&shared.pool, &queued, shared.settings.lease_secs).await {
+    match db::renew_all(&shared.pool, &queued, shared.settings.lease_secs, &shared.settings.max_lease_age).await {
         Ok(renewed) => renewed_effects(shared, &queued, &renewed).await,
         Err(e) => {
             // Their deadlines may pass before PostgreSQL answers again: not the workers' fault.
@@ -62,7 +62,7 @@ pub async fn renew_queued(shared: &Shared) {
 /// the leases that are not current (revoked there).
 pub async fn renew_now(shared: &Shared, worker: &str, leases: &[Uuid], take_over: bool) -> Result<Vec<Uuid>, DbError> {
     let requested: Vec<Renewal> = leases.iter().map(|&lease| Renewal { lease, worker: worker.to_string(), take_over }).collect();
-    let renewed = db::renew_all(&shared.pool, &requested, shared.settings.lease_secs).await?;
+    let renewed = db::renew_all(&shared.pool, &requested, shared.settings.lease_secs, &shared.settings.max_lease_age).await?;
     renewed_effects(shared, &requested, &renewed).await;
     Ok(leases.iter().copied().filter(|l| !renewed.contains(l)).collect())
 }

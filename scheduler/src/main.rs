@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use proofmesh_core::Geometry;
-use proofmesh_scheduler::{Housekeeping, JobWeights, MaxAttempts, Policy, ProverGroups, Settings, Shared, ZonePolicy};
+use proofmesh_scheduler::{Housekeeping, JobWeights, MaxAttempts, MaxLeaseAge, Policy, ProverGroups, Settings, Shared, ZonePolicy};
 use tokio_util::sync::CancellationToken;
 
 /// A named geometry.
@@ -58,6 +58,24 @@ struct Args {
     /// Attempts per compression job.
     #[arg(long, env = "PROOFMESH_MAX_ATTEMPTS_COMPRESSION")]
     max_attempts_compression: Option<i32>,
+    /// The longest a lease may live however often it is renewed, seconds (every kind; the three
+    /// flags below override it): a stage that hangs while its worker heartbeats loses the job
+    /// after this, with the attempt spent.
+    #[arg(long, env = "PROOFMESH_MAX_LEASE_AGE_SECS", default_value_t = 1200.0)]
+    max_lease_age_secs: f64,
+    /// The longest a witness-generation lease lives, seconds.
+    #[arg(long, env = "PROOFMESH_MAX_LEASE_AGE_SECS_WITNESS_GENERATION")]
+    max_lease_age_secs_witness_generation: Option<f64>,
+    /// The longest a proving lease lives (WVG and prover together), seconds.
+    #[arg(long, env = "PROOFMESH_MAX_LEASE_AGE_SECS_PROVING")]
+    max_lease_age_secs_proving: Option<f64>,
+    /// The longest a compression lease lives, seconds.
+    #[arg(long, env = "PROOFMESH_MAX_LEASE_AGE_SECS_COMPRESSION")]
+    max_lease_age_secs_compression: Option<f64>,
+    /// The largest capacity a worker may register (leases, or a prover's slots, held at once);
+    /// a registration above it is refused. A worker's credits never exceed its capacity.
+    #[arg(long, env = "PROOFMESH_MAX_WORKER_CAPACITY", default_value_t = 64)]
+    max_worker_capacity: u32,
     /// Let a WVG stream to a prover of another zone when none of its zone is free (default: wait).
     #[arg(long, env = "PROOFMESH_CROSS_ZONE")]
     cross_zone: bool,
@@ -151,6 +169,16 @@ async fn main() -> anyhow::Result<()> {
         [max_attempts.witness_generation, max_attempts.proving, max_attempts.compression].iter().all(|&n| n >= 1),
         "max attempts must be at least 1"
     );
+    let max_lease_age = MaxLeaseAge {
+        witness_generation: args.max_lease_age_secs_witness_generation.unwrap_or(args.max_lease_age_secs),
+        proving: args.max_lease_age_secs_proving.unwrap_or(args.max_lease_age_secs),
+        compression: args.max_lease_age_secs_compression.unwrap_or(args.max_lease_age_secs),
+    };
+    anyhow::ensure!(
+        [max_lease_age.witness_generation, max_lease_age.proving, max_lease_age.compression].iter().all(|&s| s >= args.lease_timeout_secs),
+        "the max lease ages ({max_lease_age:?}) must be at least --lease-timeout-secs ({} s)",
+        args.lease_timeout_secs
+    );
     let prover_groups = match &args.prover_groups {
         Some(path) => {
             let groups = ProverGroups::load(path)?;
@@ -187,6 +215,8 @@ async fn main() -> anyhow::Result<()> {
         lease_secs: args.lease_timeout_secs,
         reconnect_grace_secs: args.reconnect_grace_secs.clamp(0.0, args.lease_timeout_secs),
         max_attempts,
+        max_lease_age,
+        max_worker_capacity: args.max_worker_capacity,
         zone_policy: if args.cross_zone { ZonePolicy::CrossZoneWhenNoneFree } else { ZonePolicy::SameZoneOnly },
         heartbeat_ms: args.heartbeat_interval_ms,
         prover_groups,

@@ -27,7 +27,7 @@ pub struct Conn {
     pub region: String,
     /// Its host.
     pub host: String,
-    /// Provers: slots (witness vectors proven at once). Others: informational.
+    /// Provers: slots (witness vectors proven at once). Others: leases held at once (credits never exceed it).
     pub capacity: u32,
     /// Provers: where their `Prover` service listens.
     pub prover_endpoint: String,

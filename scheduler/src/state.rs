@@ -42,6 +42,36 @@ impl MaxAttempts {
     }
 }
 
+/// The longest a lease may live, by job kind, seconds, however often it is renewed (issue 16
+/// rule 1): heartbeats prove that a worker's process is alive, not that its executor is making
+/// progress, so a hung stage (a deadlock, a panic that left its task waiting) loses its job
+/// after this, with the attempt spent, instead of holding it for ever.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MaxLeaseAge {
+    /// Witness generation (all rounds).
+    pub witness_generation: f64,
+    /// Proving (WVG and prover together: the prover's take-over keeps the lease's start).
+    pub proving: f64,
+    /// Compression.
+    pub compression: f64,
+}
+
+impl MaxLeaseAge {
+    /// `secs` for every kind.
+    pub fn uniform(secs: f64) -> Self {
+        MaxLeaseAge { witness_generation: secs, proving: secs, compression: secs }
+    }
+}
+
+impl Default for MaxLeaseAge {
+    /// 20 minutes: a basic circuit's witness generation takes tens of seconds and its proof
+    /// seconds (zkSync Era's figures; our CPU prover at the default geometry, minutes); far
+    /// longer is a hung executor.
+    fn default() -> Self {
+        MaxLeaseAge::uniform(1200.0)
+    }
+}
+
 /// The scheduler's settings (from its command line).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -55,6 +85,11 @@ pub struct Settings {
     pub reconnect_grace_secs: f64,
     /// Attempts per job, by kind.
     pub max_attempts: MaxAttempts,
+    /// The longest a lease lives, heartbeats or not, by kind (at least `lease_secs`).
+    pub max_lease_age: MaxLeaseAge,
+    /// The largest capacity a worker may register (`--max-worker-capacity`): a worker's
+    /// credits never exceed its capacity, so this bounds what one connection can hold.
+    pub max_worker_capacity: u32,
     /// Whether a WVG may stream to a prover of another zone.
     pub zone_policy: ZonePolicy,
     /// How often workers must heartbeat, milliseconds.

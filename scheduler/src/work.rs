@@ -73,8 +73,15 @@ impl v1::scheduler_server::Scheduler for WorkService {
         if role == Role::Unspecified {
             return Err(Status::invalid_argument("Register.role is required"));
         }
-        if role == Role::Prover && (reg.prover_endpoint.is_empty() || reg.capacity == 0) {
-            return Err(Status::invalid_argument("a prover must register its prover_endpoint and a capacity >= 1"));
+        if role == Role::Prover && reg.prover_endpoint.is_empty() {
+            return Err(Status::invalid_argument("a prover must register its prover_endpoint"));
+        }
+        let max = self.shared.settings.max_worker_capacity;
+        if reg.capacity == 0 || reg.capacity > max {
+            return Err(Status::invalid_argument(format!(
+                "capacity {} is outside 1..={max} (the scheduler's --max-worker-capacity)",
+                reg.capacity
+            )));
         }
         let pairs = match (reg.prover_group, &self.shared.settings.prover_groups) {
             (None, _) => vec![],
@@ -237,7 +244,9 @@ async fn serve_worker(
         match msg {
             Some(worker_message::Msg::Credit(c)) => {
                 if let Some(conn) = shared.registry().get_mut(id).filter(|c| !c.draining) {
-                    conn.credits = conn.credits.saturating_add(c.n);
+                    // Never more than its capacity: a worker cannot take the whole queue by
+                    // sending credits it does not have.
+                    conn.credits = conn.credits.saturating_add(c.n).min(conn.capacity);
                 }
                 shared.wake_for_capacity();
             }

@@ -439,3 +439,36 @@ async fn a_completion_postgresql_refuses_is_refused_without_blocking_the_stream(
     assert!(batch.error.contains("cannot record its completion"), "{}", batch.error);
     assert_eq!(round0_status(&s.shared.pool, 8).await, "succeeded");
 }
+
+/// Issue 16 rule 1: no lease lives for ever. A worker whose stage hangs keeps heartbeating; the
+/// renewals stop at the lease's maximum age, the lease expires with a reason that says so
+/// (sent in the `Revoke`, kept as the job's error), and the job is leased again. Before,
+/// heartbeats renewed it for ever and the batch never finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_heartbeated_past_its_maximum_age_expires() {
+    let max_lease_age = proofmesh_scheduler::MaxLeaseAge { witness_generation: 2.0, ..Default::default() };
+    let s = start_scheduler_with(Settings { lease_secs: 1.0, heartbeat_ms: 100, max_lease_age, ..settings() }).await;
+    let mut wg = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h1", 1, "")).await;
+    wg.credit(1);
+    submit(&s.url, 9).await;
+    let lease = wg.lease().await;
+    let granted = Instant::now();
+    let revoke = loop {
+        wg.heartbeat(&[&lease.lease_id]);
+        match wg.next(Duration::from_millis(200)).await {
+            Some(Msg::Revoke(r)) => break r,
+            None => assert!(granted.elapsed() < Duration::from_secs(8), "still leased {:?} after its grant", granted.elapsed()),
+            m => panic!("expected nothing or Revoke, got {m:?}"),
+        }
+    };
+    let age = granted.elapsed();
+    assert_eq!(revoke.lease_id, lease.lease_id);
+    assert!(revoke.reason.contains("maximum age"), "{}", revoke.reason);
+    assert!(age >= Duration::from_millis(1800), "renewed until its maximum age, not dropped early: {age:?}");
+    let (status, attempts) = round0_attempts(&s.shared.pool, 9).await;
+    assert_eq!((status.as_str(), attempts), ("queued", 1), "queued again, the attempt spent");
+    // The next worker gets it.
+    let mut next = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h2", 1, "")).await;
+    next.credit(1);
+    assert_eq!(next.lease().await.job, lease.job);
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use proofmesh_core::Geometry;
-use proofmesh_proto::v1::{scheduler_message::Msg, Role};
+use proofmesh_proto::v1::{self, scheduler_message::Msg, Role};
 use proofmesh_scheduler::{Settings, ZonePolicy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,4 +149,30 @@ async fn a_wvg_that_disconnects_frees_its_prover_slot_and_its_job_is_leased_agai
     assert_eq!(again.prover_worker_id, pa.id);
     assert_eq!(again.job, lost.job);
     assert_ne!(again.lease_id, lost.lease_id);
+}
+
+/// Issue 16 rule 1: a worker's credits never exceed its capacity, and capacity is bounded by the
+/// scheduler. Before, a worker registered with capacity 2 that sent 100 credits was leased
+/// every queued job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_are_capped_at_the_capacity_and_capacity_by_the_scheduler() {
+    let s = start_scheduler(Geometry::small(), ZonePolicy::SameZoneOnly).await;
+    for n in 1..=5 {
+        submit(&s.url, n).await;
+    }
+    let mut greedy = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h", 2, "")).await;
+    greedy.credit(100);
+    greedy.lease().await;
+    greedy.lease().await;
+    assert!(greedy.next(Duration::from_millis(500)).await.is_none(), "two leases for capacity 2");
+    let leased: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'leased'").fetch_one(&s.shared.pool).await.unwrap();
+    assert_eq!(leased, 2);
+
+    for capacity in [0, 65] {
+        let mut client = proofmesh_proto::v1::scheduler_client::SchedulerClient::connect(s.url.clone()).await.unwrap();
+        let first = v1::WorkerMessage { msg: Some(v1::worker_message::Msg::Register(register(Role::WitnessGenerator, "a", "h", capacity, ""))) };
+        let refused = client.work(tokio_stream::iter(vec![first])).await.expect_err("refused");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().contains("--max-worker-capacity"), "{}", refused.message());
+    }
 }

@@ -4,6 +4,7 @@
 use const_format::formatcp;
 use crate::job_state::lit::{FAILED, HANDED_BACK, LEASED, SUCCEEDED};
 use super::*;
+use crate::state::MaxLeaseAge;
 
 /// A worker's stream ended: the leases attached to it get at most `grace_secs` more to be
 /// re-attached by a reconnecting worker (`Register.held_leases`, heartbeats); after that they
@@ -34,14 +35,19 @@ pub struct Renewal {
     pub take_over: bool,
 }
 
+/// The SQL of a job's longest lease in seconds, by its kind (`jobs.kind`), from `$5` (witness
+/// generation), `$6` (proving) and `$7` (compression).
+const MAX_AGE: &str = "CASE jobs.kind WHEN 'witness_generation' THEN $5 WHEN 'proving' THEN $6 ELSE $7 END";
+
 /// Renews `renewals` (many workers' heartbeats at once) in one statement: each current lease
-/// gets the deadline now + `lease_secs`. It is also attached to the renewing connection when
+/// gets the deadline now + `lease_secs`, but never past its start + `max_age` for its kind
+/// (issue 16 rule 1: heartbeats alone never keep a lease for ever). It is also attached to the renewing connection when
 /// `take_over`, or when its holder's stream has ended (`workers.disconnected_at`: a reconnected
 /// worker re-attaching its leases); a live holder otherwise keeps it, so a WVG's last heartbeat
 /// cannot take a lease back from the prover it handed it to. A lease named twice (a WVG and its
 /// prover in the same tick) is renewed once, the prover's way. Returns the leases renewed; the
 /// others are not current (expired and leased again, or finished), for the caller to revoke.
-pub async fn renew_all(pool: &PgPool, renewals: &[Renewal], lease_secs: f64) -> Result<Vec<Uuid>, DbError> {
+pub async fn renew_all(pool: &PgPool, renewals: &[Renewal], lease_secs: f64, max_age: &MaxLeaseAge) -> Result<Vec<Uuid>, DbError> {
     let mut one: std::collections::HashMap<Uuid, &Renewal> = std::collections::HashMap::new();
     for r in renewals {
         let e = one.entry(r.lease).or_insert(r);
@@ -60,7 +66,8 @@ pub async fn renew_all(pool: &PgPool, renewals: &[Renewal], lease_secs: f64) -> 
         "WITH r AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::bool[]) AS r(lease_id, worker, take_over)),
          locked AS (SELECT j.id, r.worker, r.take_over FROM jobs j JOIN r ON j.lease_id = r.lease_id
                     WHERE j.status = {LEASED} ORDER BY j.id FOR UPDATE OF j SKIP LOCKED)
-         UPDATE jobs SET lease_deadline = now() + make_interval(secs => $4),
+         UPDATE jobs SET lease_deadline = LEAST(now() + make_interval(secs => $4),
+                                               jobs.leased_at + make_interval(secs => {MAX_AGE})),
                          leased_to = CASE WHEN locked.take_over OR jobs.leased_to IS NULL
                                                OR NOT EXISTS (SELECT 1 FROM workers w
                                                               WHERE w.id = jobs.leased_to AND w.disconnected_at IS NULL)
@@ -68,7 +75,16 @@ pub async fn renew_all(pool: &PgPool, renewals: &[Renewal], lease_secs: f64) -> 
          FROM locked WHERE jobs.id = locked.id
          RETURNING jobs.lease_id"
     );
-    Ok(sqlx::query_scalar(SQL).bind(&leases).bind(&workers).bind(&take_over).bind(lease_secs).fetch_all(pool).await?)
+    Ok(sqlx::query_scalar(SQL)
+        .bind(&leases)
+        .bind(&workers)
+        .bind(&take_over)
+        .bind(lease_secs)
+        .bind(max_age.witness_generation)
+        .bind(max_age.proving)
+        .bind(max_age.compression)
+        .fetch_all(pool)
+        .await?)
 }
 
 /// The leases among `leases` (not renewed) that must not be revoked: still current (their job
@@ -117,11 +133,18 @@ pub async fn outage_grace(pool: &PgPool, grace_secs: f64) -> Result<u64, DbError
     .rows_affected())
 }
 
-/// The leases whose deadline has passed.
-pub async fn due_leases(pool: &PgPool) -> Result<Vec<Uuid>, DbError> {
-    Ok(sqlx::query_scalar(formatcp!("SELECT lease_id FROM jobs WHERE status = {LEASED} AND lease_deadline <= now()"))
-        .fetch_all(pool)
-        .await?)
+/// The leases whose deadline has passed, each with whether it reached its longest life
+/// (`max_age` for its kind, from its start) rather than missing its heartbeats.
+pub async fn due_leases(pool: &PgPool, max_age: &MaxLeaseAge) -> Result<Vec<(Uuid, bool)>, DbError> {
+    Ok(sqlx::query_as(formatcp!(
+        "SELECT lease_id, now() >= leased_at + make_interval(secs => CASE kind WHEN 'witness_generation' THEN $1 WHEN 'proving' THEN $2 ELSE $3 END)
+         FROM jobs WHERE status = {LEASED} AND lease_deadline <= now()"
+    ))
+    .bind(max_age.witness_generation)
+    .bind(max_age.proving)
+    .bind(max_age.compression)
+    .fetch_all(pool)
+    .await?)
 }
 
 /// Seconds until the earliest lease deadline (negative if one has passed), or `None` when no

@@ -56,6 +56,8 @@ pub fn settings() -> Settings {
         lease_secs: 60.0,
         reconnect_grace_secs: 10.0,
         max_attempts: MaxAttempts::uniform(3),
+        max_lease_age: Default::default(),
+        max_worker_capacity: 64,
         zone_policy: ZonePolicy::SameZoneOnly,
         heartbeat_ms: 1000,
         prover_groups: None,
