@@ -319,17 +319,23 @@ async fn recorded(outbox: &Outbox, lease: &str) {
     let _ = outbox.send(Ok(v1::SchedulerMessage { msg: Some(scheduler_message::Msg::Recorded(msg)) })).await;
 }
 
-/// A witness generator (or the compressor) found input proofs of its job that do not verify:
-/// their jobs are proven again, their provers struck (and quarantined past the threshold), and
-/// the job waits for them ([`db::reject_inputs`]).
-async fn rejected_inputs(shared: &Shared, worker: &str, lease: Uuid, f: &v1::Failed, outbox: &Outbox) -> Result<(), DbError> {
+/// A witness generator (or the compressor) found input proofs of its job that do not verify,
+/// or that are missing from the artifact store: their jobs are proven again (the provers of bad
+/// ones struck, and quarantined past the threshold), and the job waits for them
+/// ([`db::reject_inputs`]). A lost input that cannot be made again alone is an ordinary
+/// retryable failure. `Ok(false)`: none of this applies, the caller records a plain failure.
+async fn rejected_inputs(shared: &Shared, worker: &str, lease: Uuid, f: &v1::Failed, outbox: &Outbox) -> Result<bool, DbError> {
     let threshold = i64::from(shared.settings.quarantine_after_strikes);
-    let reason = format!("rejected by the next round: {}", f.error);
-    match db::reject_inputs(&shared.pool, lease, &f.bad_inputs, &reason, threshold).await {
+    let reason = if f.bad_inputs.is_empty() {
+        format!("lost from the artifact store; its job is proven again: {}", f.error)
+    } else {
+        format!("rejected by the next round: {}", f.error)
+    };
+    match db::reject_inputs(&shared.pool, lease, &f.bad_inputs, &f.lost_inputs, &reason, threshold).await {
         Ok(Some(r)) => {
             for input in &r.requeued {
                 let by = input.by.as_deref().unwrap_or("");
-                tracing::warn!(worker, job = input.job_id, lease = ?input.lease, by, "a proof that does not verify: its job is proven again");
+                tracing::warn!(worker, job = input.job_id, lease = ?input.lease, by, "an input proof that does not verify or was lost: its job is proven again");
                 shared.apply(LeaseEnd { outcome: LeaseOutcome::Rejected, lease: input.lease, job: &input.job, batch: r.batch_number, taken_from: None });
             }
             for name in &r.quarantined {
@@ -338,15 +344,19 @@ async fn rejected_inputs(shared: &Shared, worker: &str, lease: Uuid, f: &v1::Fai
             }
             shared.apply(LeaseEnd { outcome: LeaseOutcome::Failed, lease: Some(lease), job: &r.job, batch: r.batch_number, taken_from: None });
             recorded(outbox, &f.lease_id).await;
-            Ok(())
+            Ok(true)
         }
         Ok(None) => {
             refuse(outbox, &f.lease_id, "stale lease").await;
-            Ok(())
+            Ok(true)
+        }
+        Err(DbError::Invalid(why)) if f.bad_inputs.is_empty() => {
+            tracing::warn!(worker, %lease, "lost inputs that cannot be made again alone ({why}): an ordinary failure");
+            Ok(false)
         }
         Err(DbError::Invalid(why)) => {
             refuse(outbox, &f.lease_id, &why).await;
-            Ok(())
+            Ok(true)
         }
         Err(e) => Err(e),
     }
@@ -422,8 +432,8 @@ async fn failed(shared: &Shared, worker: &str, identity: Option<&str>, f: v1::Fa
     if !may_report(shared, worker, identity, lease, outbox).await? {
         return Ok(());
     }
-    if !f.bad_inputs.is_empty() {
-        return rejected_inputs(shared, worker, lease, &f, outbox).await;
+    if (!f.bad_inputs.is_empty() || !f.lost_inputs.is_empty()) && rejected_inputs(shared, worker, lease, &f, outbox).await? {
+        return Ok(());
     }
     let reason = if f.handed_back { EndReason::HandedBack } else { EndReason::Failed };
     match db::end_lease(&shared.pool, lease, &f.error, f.retryable, reason).await {

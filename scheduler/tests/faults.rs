@@ -377,7 +377,7 @@ async fn a_failure_whose_text_postgresql_cannot_store_is_recorded_and_the_stream
     wg.credit(1);
     submit(&s.url, 6).await;
     let lease = wg.lease().await;
-    let f = v1::Failed { lease_id: lease.lease_id.clone(), error: "bad\0byte".into(), retryable: true, handed_back: false, bad_inputs: vec![] };
+    let f = v1::Failed { lease_id: lease.lease_id.clone(), error: "bad\0byte".into(), retryable: true, handed_back: false, bad_inputs: vec![], lost_inputs: vec![] };
     wg.send(v1::worker_message::Msg::Failed(f));
     wg.expect_recorded(&lease.lease_id).await;
     let error: Option<String> = sqlx::query_scalar("SELECT error FROM jobs WHERE batch_number = 6 AND aggregation_round = 0 AND kind = 'witness_generation'")
@@ -471,4 +471,66 @@ async fn a_lease_heartbeated_past_its_maximum_age_expires() {
     let mut next = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h2", 1, "")).await;
     next.credit(1);
     assert_eq!(next.lease().await.job, lease.job);
+}
+
+/// Issue 16 rule 2: an input proof lost from the artifact store after its job succeeded is made
+/// again. The leaf witness generation reports it lost (`Failed.lost_inputs`, as `read_all` does
+/// on `NotFound`); the basic proving job that produced it is queued again, nobody is struck,
+/// the leaf waits for it without spending an attempt, and runs again once it is proven. Before,
+/// the loss was an ordinary failure of the leaf: three of them failed the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_input_proof_is_proven_again_and_its_consumer_waits_without_spending_an_attempt() {
+    let s = start_scheduler_with(Settings { max_attempts: MaxAttempts::uniform(1), ..settings() }).await;
+    let _prover = RawWorker::connect(&s.url, register(Role::Prover, "a", "h1", 2, "http://p:1")).await;
+    let mut wvg = RawWorker::connect(&s.url, register(Role::Wvg, "a", "h1", 1, "")).await;
+    let mut wg = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h1", 1, "")).await;
+    wg.credit(1);
+    submit(&s.url, 10).await;
+    let l = wg.lease().await;
+    wg.complete(&l.lease_id, &[(1, 1)]);
+    wg.expect_recorded(&l.lease_id).await;
+    wvg.credit(1);
+    let basic = wvg.lease().await;
+    assert_eq!(basic.job.as_ref().map(|j| j.aggregation_round), Some(0));
+    wvg.complete(&basic.lease_id, &[]);
+    wvg.expect_recorded(&basic.lease_id).await;
+
+    wg.credit(1);
+    let leaf = wg.lease().await;
+    assert_eq!(leaf.job.as_ref().map(|j| j.aggregation_round), Some(1));
+    assert_eq!(leaf.input_keys.len(), 1);
+    let lost = v1::Failed {
+        lease_id: leaf.lease_id.clone(),
+        error: format!("1 input(s) missing from the artifact store: {}", leaf.input_keys[0]),
+        retryable: true,
+        handed_back: false,
+        bad_inputs: vec![],
+        lost_inputs: vec![0],
+    };
+    wg.send(v1::worker_message::Msg::Failed(lost));
+    wg.expect_recorded(&leaf.lease_id).await;
+    let jobs: Vec<(i16, String, i32)> = sqlx::query_as(
+        "SELECT aggregation_round, status, attempts FROM jobs WHERE batch_number = 10
+         AND ((kind = 'proving' AND aggregation_round = 0) OR (kind = 'witness_generation' AND aggregation_round = 1))
+         ORDER BY aggregation_round",
+    )
+    .fetch_all(&s.shared.pool)
+    .await
+    .unwrap();
+    assert_eq!(jobs, vec![(0, "queued".into(), 1), (1, "waiting".into(), 0)], "the basic proof is made again; the leaf waits, no attempt spent");
+    let strikes: i64 = sqlx::query_scalar("SELECT count(*) FROM strikes").fetch_one(&s.shared.pool).await.unwrap();
+    assert_eq!(strikes, 0, "storage is not a prover");
+
+    // Proven again, the leaf runs again, with its one attempt (max_attempts 1) still there.
+    wvg.credit(1);
+    let again = wvg.lease().await;
+    assert_eq!(again.job, basic.job);
+    wvg.complete(&again.lease_id, &[]);
+    wvg.expect_recorded(&again.lease_id).await;
+    wg.credit(1);
+    let leaf2 = wg.lease().await;
+    assert_eq!(leaf2.job, leaf.job);
+    wg.complete(&leaf2.lease_id, &[]);
+    wg.expect_recorded(&leaf2.lease_id).await;
+    assert_ne!(get_batch(&s.url, 10).await.state, v1::BatchState::Failed as i32);
 }

@@ -170,7 +170,7 @@ impl LeaseClient {
     /// Reports a failed job. `handed_back`: not a failure of the job, the worker gave it up
     /// unfinished (drain); the scheduler requeues it without counting an attempt.
     pub fn failed(&self, lease_id: &str, error: &str, retryable: bool, handed_back: bool) {
-        let f = v1::Failed { lease_id: lease_id.into(), error: error.into(), retryable, handed_back, bad_inputs: vec![] };
+        let f = v1::Failed { lease_id: lease_id.into(), error: error.into(), retryable, handed_back, bad_inputs: vec![], lost_inputs: vec![] };
         self.report(lease_id, msg(worker_message::Msg::Failed(f)));
     }
 
@@ -182,6 +182,7 @@ impl LeaseClient {
             retryable: e.retryable,
             handed_back: e.handed_back,
             bad_inputs: e.bad_inputs.clone(),
+            lost_inputs: e.lost_inputs.clone(),
         };
         self.report(lease_id, msg(worker_message::Msg::Failed(f)));
     }

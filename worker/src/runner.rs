@@ -31,25 +31,36 @@ pub struct JobError {
     /// Not the job's failure either: these inputs (indices into the lease's `input_keys`) are
     /// proofs that do not verify; the scheduler has them proven again (`Failed.bad_inputs`).
     pub bad_inputs: Vec<u32>,
+    /// Not the job's failure either: these inputs are missing from the artifact store; the
+    /// scheduler has their producers run again (`Failed.lost_inputs`).
+    pub lost_inputs: Vec<u32>,
 }
 
 impl JobError {
     /// A failure another attempt may not have.
     pub fn retry(message: impl Into<String>) -> Self {
-        JobError { message: message.into(), retryable: true, handed_back: false, bad_inputs: vec![] }
+        JobError { message: message.into(), retryable: true, handed_back: false, bad_inputs: vec![], lost_inputs: vec![] }
     }
     /// A failure of the input itself.
     pub fn fatal(message: impl Into<String>) -> Self {
-        JobError { message: message.into(), retryable: false, handed_back: false, bad_inputs: vec![] }
+        JobError { message: message.into(), retryable: false, handed_back: false, bad_inputs: vec![], lost_inputs: vec![] }
     }
     /// The job could not be placed where it was sent; it goes back to the queue as it was.
     pub fn hand_back(message: impl Into<String>) -> Self {
-        JobError { message: message.into(), retryable: true, handed_back: true, bad_inputs: vec![] }
+        JobError { message: message.into(), retryable: true, handed_back: true, bad_inputs: vec![], lost_inputs: vec![] }
     }
     /// Input proofs `indices` (into the lease's `input_keys`) do not verify: their producers'
     /// fault, not this job's.
     pub fn bad_inputs(message: impl Into<String>, indices: Vec<u32>) -> Self {
-        JobError { message: message.into(), retryable: true, handed_back: false, bad_inputs: indices }
+        JobError { message: message.into(), retryable: true, handed_back: false, bad_inputs: indices, lost_inputs: vec![] }
+    }
+}
+
+impl JobError {
+    /// Inputs `indices` (into the lease's `input_keys`) are missing from the artifact store:
+    /// lost after their jobs succeeded, not this job's fault.
+    pub fn lost_inputs(message: impl Into<String>, indices: Vec<u32>) -> Self {
+        JobError { message: message.into(), retryable: true, handed_back: false, bad_inputs: vec![], lost_inputs: indices }
     }
 }
 

@@ -20,11 +20,22 @@ pub struct WitnessGenerator {
     pub setups: Arc<Setups>,
 }
 
-/// Reads every key in order. A missing artifact is retryable (a store hiccup), not the input's fault.
+/// Reads every key in order. Errors: [`JobError::lost_inputs`] naming every key the store does not have (lost after its job succeeded: the scheduler has it made again); any other store error is retryable (a hiccup), not the input's fault.
 pub async fn read_all(artifacts: &dyn ArtifactStore, keys: &[String]) -> Result<Vec<Vec<u8>>, JobError> {
     let mut out = Vec::with_capacity(keys.len());
-    for k in keys {
-        out.push(artifacts.get(k).await.map_err(|e| JobError::retry(e.to_string()))?);
+    let mut lost = vec![];
+    for (i, k) in keys.iter().enumerate() {
+        match artifacts.get(k).await {
+            Ok(bytes) => out.push(bytes),
+            // Every input is read, so one report names all that are gone.
+            Err(proofmesh_core::ArtifactError::NotFound { key }) => lost.push((i as u32, key)),
+            Err(e) => return Err(JobError::retry(e.to_string())),
+        }
+    }
+    if !lost.is_empty() {
+        let keys: Vec<&str> = lost.iter().map(|(_, k)| k.as_str()).collect();
+        let message = format!("{} input(s) missing from the artifact store: {}", lost.len(), keys.join(", "));
+        return Err(JobError::lost_inputs(message, lost.into_iter().map(|(i, _)| i).collect()));
     }
     Ok(out)
 }
@@ -76,5 +87,24 @@ impl Stage for WitnessGenerator {
             compute_secs: secs,
             output_bytes: bytes,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proofmesh_core::LocalStore;
+
+    #[tokio::test]
+    async fn inputs_missing_from_the_store_are_reported_lost_every_one_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        store.put("a", b"proof a".to_vec()).await.unwrap();
+        let keys = ["gone-0", "a", "gone-2"].map(String::from);
+        let e = read_all(&store, &keys).await.unwrap_err();
+        assert_eq!(e.lost_inputs, vec![0, 2]);
+        assert!(e.bad_inputs.is_empty() && e.retryable);
+        assert!(e.message.contains("gone-0") && e.message.contains("gone-2"), "{}", e.message);
+        assert_eq!(read_all(&store, &keys[1..2]).await.unwrap(), vec![b"proof a".to_vec()]);
     }
 }

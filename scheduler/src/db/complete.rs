@@ -306,13 +306,23 @@ pub struct RejectedInput {
 }
 
 /// The next round found input proofs `bad` (indices into the inputs of the job leased under
-/// `lease`, in `job_inputs.position` order) that do not verify. In one transaction: each such
-/// input job that had succeeded is queued again (its lease's outcome becomes `rejected`), the
-/// worker name that completed it gets a strike (`strikes`), and a name with
-/// `quarantine_after` strikes is quarantined (`quarantined_workers`); the consuming job goes
-/// back to waiting for its inputs, its attempt not counted. `Ok(None)`: `lease` is not current.
-/// Errors: an index beyond the job's inputs (`DbError::Invalid`), database errors.
-pub async fn reject_inputs(pool: &PgPool, lease: Uuid, bad: &[u32], reason: &str, quarantine_after: i64) -> Result<Option<Rejection>, DbError> {
+/// `lease`, in `job_inputs.position` order) that do not verify, and inputs `lost` that are
+/// missing from the artifact store. In one transaction: each such input job that had succeeded
+/// is queued again (its lease's outcome becomes `rejected`); for a bad proof the worker name
+/// that completed it gets a strike (`strikes`), and a name with `quarantine_after` strikes is
+/// quarantined (`quarantined_workers`); a lost one strikes nobody (storage is not a prover).
+/// The consuming job goes back to waiting for its inputs, its attempt not counted.
+/// `Ok(None)`: `lease` is not current. Errors: an index beyond the job's inputs, or a lost input
+/// that is not a proof (a proving job's output: only those can be made again from their own
+/// input) (`DbError::Invalid`, nothing changed), database errors.
+pub async fn reject_inputs(
+    pool: &PgPool,
+    lease: Uuid,
+    bad: &[u32],
+    lost: &[u32],
+    reason: &str,
+    quarantine_after: i64,
+) -> Result<Option<Rejection>, DbError> {
     let mut tx = pool.begin().await?;
     let job = sqlx::query_as::<_, (i64, i64, String, i16, i16)>(
         formatcp!("SELECT id, batch_number, kind, aggregation_round, circuit_id FROM jobs WHERE lease_id = $1 AND status = {LEASED} FOR UPDATE"),
@@ -329,10 +339,14 @@ pub async fn reject_inputs(pool: &PgPool, lease: Uuid, bad: &[u32], reason: &str
     .fetch_all(&mut *tx)
     .await?;
     let mut out = Rejection { batch_number: batch, job: JobLabels { kind, round, circuit_id }, ..Rejection::default() };
-    for &i in bad {
+    let named = bad.iter().map(|&i| (i, true)).chain(lost.iter().map(|&i| (i, false)));
+    for (i, strike) in named {
         let (input, status, input_lease, holder, input_kind, input_round, input_circuit) = inputs
             .get(i as usize)
-            .ok_or_else(|| DbError::Invalid(format!("bad input {i}: job {consumer} has {} inputs", inputs.len())))?;
+            .ok_or_else(|| DbError::Invalid(format!("input {i}: job {consumer} has {} inputs", inputs.len())))?;
+        if !strike && input_kind != JobKind::Proving.as_str() {
+            return Err(DbError::Invalid(format!("lost input {i} of job {consumer} is a {input_kind} output: it cannot be made again alone")));
+        }
         if status != JobStatus::Succeeded.as_str() {
             continue; // already being proven again
         }
@@ -347,7 +361,7 @@ pub async fn reject_inputs(pool: &PgPool, lease: Uuid, bad: &[u32], reason: &str
         sqlx::query(formatcp!("UPDATE leases SET outcome = {REJECTED}, error = $2 WHERE lease_id = $1")).bind(input_lease).bind(reason).execute(&mut *tx).await?;
         let who: Option<(String, Option<String>)> =
             sqlx::query_as("SELECT name, identity FROM workers WHERE id = $1").bind(holder).fetch_optional(&mut *tx).await?;
-        if let (Some((name, identity)), Some(input_lease)) = (&who, input_lease) {
+        if let (true, Some((name, identity)), Some(input_lease)) = (strike, &who, input_lease) {
             sqlx::query("INSERT INTO strikes (worker_name, identity, job_id, lease_id, reason) VALUES ($1, $2, $3, $4, $5)")
                 .bind(name)
                 .bind(identity)

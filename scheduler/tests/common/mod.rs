@@ -132,13 +132,13 @@ impl RawWorker {
     }
 
     pub fn fail(&self, lease_id: &str, retryable: bool) {
-        let f = v1::Failed { lease_id: lease_id.into(), error: "test failure".into(), retryable, handed_back: false, bad_inputs: vec![] };
+        let f = v1::Failed { lease_id: lease_id.into(), error: "test failure".into(), retryable, handed_back: false, bad_inputs: vec![], lost_inputs: vec![] };
         self.tx.send(msg(worker_message::Msg::Failed(f))).unwrap();
     }
 
     /// Gives `lease_id` back unfinished (drain).
     pub fn hand_back(&self, lease_id: &str) {
-        let f = v1::Failed { lease_id: lease_id.into(), error: "draining".into(), retryable: true, handed_back: true, bad_inputs: vec![] };
+        let f = v1::Failed { lease_id: lease_id.into(), error: "draining".into(), retryable: true, handed_back: true, bad_inputs: vec![], lost_inputs: vec![] };
         self.tx.send(msg(worker_message::Msg::Failed(f))).unwrap();
     }
 
