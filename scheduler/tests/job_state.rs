@@ -128,7 +128,7 @@ async fn a_rejected_input_counts_again_until_it_is_proven_again() {
     let ask = db::LeaseAsk { pairs: &[256 + 1], ..db::LeaseAsk::plain(JobKind::WitnessGeneration, "wg", 60.0, &settings.policy) };
     let leaf = db::lease(&pool, &ask).await.unwrap().expect("the leaf's witness generation is queued");
     // The leaf's witness generator finds its second input proof invalid.
-    let r = db::reject_inputs(&pool, leaf.lease_id, &[1], "bad proof", 99).await.unwrap().unwrap();
+    let r = db::reject_inputs(&pool, leaf.lease_id, &[1], &[], "bad proof", 99).await.unwrap().unwrap();
     assert_eq!(r.requeued.len(), 1);
     assert_eq!((r.requeued[0].job.round, r.requeued[0].job.circuit_id), (0, 1), "the input's own labels");
     let unfinished = || async {
