@@ -76,6 +76,7 @@ async fn dispatch_all(shared: &Shared, classes: &mut Vec<QueuedClass>) -> Result
 
 /// What the dispatcher knows of a worker (and, for a WVG, its matched prover) when it asks for a
 /// lease: read under the registry's lock, used after it.
+#[derive(Clone)]
 struct Ask {
     kind: JobKind,
     versions: Vec<i32>,
@@ -89,6 +90,7 @@ struct Ask {
 }
 
 /// The prover matched with a WVG lease.
+#[derive(Clone)]
 struct MatchedProver {
     id: String,
     identity: Option<String>,
@@ -127,16 +129,7 @@ fn asks_for(shared: &Shared, worker: &str, classes: &[QueuedClass]) -> Vec<(Ask,
     // provers_for only lists provers that share a version and a pair with the WVG.
     for id in reg.provers_for(conn, shared.settings.zone_policy) {
         let p = reg.get(&id).expect("listed from the registry");
-        let mut ask = Ask {
-            kind,
-            versions: own.versions.clone(),
-            pairs: vec![],
-            warm: vec![],
-            warm_own: vec![],
-            budget_mib: own.budget_mib,
-            prover: None,
-            identity: own.identity.clone(),
-        };
+        let mut ask = own.clone();
         // A WVG lease must suit both the WVG and its prover ...
         if !p.versions.is_empty() {
             ask.versions = if conn.versions.is_empty() {
@@ -153,7 +146,7 @@ fn asks_for(shared: &Shared, worker: &str, classes: &[QueuedClass]) -> Vec<(Ask,
         }
         // ... and the setup data that counts is the prover's (proving is the heavy part).
         if affinity {
-            ask.warm_own = conn.loaded_setups.clone();
+            ask.warm_own = std::mem::take(&mut ask.warm);
             ask.warm = p.loaded_setups.clone();
         }
         ask.prover = Some(MatchedProver {

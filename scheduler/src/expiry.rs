@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{self, DbError, EndReason};
+use crate::graph::JobKind;
 use crate::job_state::LeaseOutcome;
 use crate::state::{LeaseEnd, Shared};
 
@@ -52,28 +53,22 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
 /// After an outage ([`Shared::outage`]: this scheduler just started, or PostgreSQL did not
 /// answer a renewal or this timer), gives every lease the reconnect grace before anything
 /// expires: the workers were heartbeating into a scheduler or a database that was not there.
-/// The flag is cleared only once the grace is written.
+/// The flag is cleared only once the grace is written (the caller sets it again on any error).
 async fn after_outage(shared: &Shared) -> Result<(), DbError> {
     if !shared.outage.swap(false, Ordering::SeqCst) {
         return Ok(());
     }
-    match db::outage_grace(&shared.pool, shared.settings.reconnect_grace_secs).await {
-        Ok(n) => {
-            if n > 0 {
-                tracing::info!(leases = n, "after an outage, every lease has {:.0} s to be renewed before it can expire", shared.settings.reconnect_grace_secs);
-            }
-            Ok(())
-        }
-        Err(e) => {
-            shared.outage.store(true, Ordering::SeqCst);
-            Err(e)
-        }
+    // On an error the caller sets the flag again.
+    let n = db::outage_grace(&shared.pool, shared.settings.reconnect_grace_secs).await?;
+    if n > 0 {
+        tracing::info!(leases = n, "after an outage, every lease has {:.0} s to be renewed before it can expire", shared.settings.reconnect_grace_secs);
     }
+    Ok(())
 }
 
 /// Ends every lease past its deadline; revokes it on the stream that still holds it (a hung worker).
 async fn expire_due(shared: &Shared) -> Result<(), DbError> {
-    let due = db::due_leases(&shared.pool, &shared.settings.max_lease_age).await?;
+    let due = db::due_leases(&shared.pool).await?;
     if due.is_empty() {
         return Ok(());
     }
@@ -81,18 +76,15 @@ async fn expire_due(shared: &Shared) -> Result<(), DbError> {
         "lease expired: no heartbeat within {:.0} s, or its worker's stream ended and it did not reconnect within {:.0} s",
         shared.settings.lease_secs, shared.settings.reconnect_grace_secs
     );
-    let ages = &shared.settings.max_lease_age;
-    for (lease, too_old) in due {
-        let reason = if too_old {
+    for db::DueLease { lease_id: lease, kind, age_secs } in due {
+        let max_age = JobKind::parse(&kind).map(|k| shared.settings.max_lease_age.of(k));
+        let too_old = max_age.filter(|&max| age_secs >= max).map(|max| {
             format!(
-                "lease expired at its maximum age (witness generation {:.0} s, proving {:.0} s, compression {:.0} s) although its worker \
-                 heartbeats: its stage hangs or is far slower than it should be",
-                ages.witness_generation, ages.proving, ages.compression
+                "lease expired at its maximum age of {max:.0} s ({kind}) although its worker heartbeats: its stage hangs or is far \
+                 slower than it should be"
             )
-        } else {
-            silent.clone()
-        };
-        let reason = reason.as_str();
+        });
+        let reason = too_old.as_deref().unwrap_or(&silent);
         let ended = match db::end_lease(&shared.pool, lease, reason, true, EndReason::Expired).await {
             Ok(Some(ended)) => ended,
             // Renewed or finished since it was read.

@@ -52,7 +52,6 @@ pub async fn renew_queued(shared: &Shared) {
         Err(e) => {
             // Their deadlines may pass before PostgreSQL answers again: not the workers' fault.
             shared.outage.store(true, std::sync::atomic::Ordering::SeqCst);
-            shared.deadlines.notify_one();
             tracing::warn!(renewals = queued.len(), "renewing leases: {e} (the next heartbeats renew them)")
         }
     }

@@ -142,15 +142,6 @@ impl Registry {
         ids
     }
 
-    /// The prover for a lease of `wvg`: one with a free slot that shares a protocol version and a
-    /// pair of its prover group with the WVG (when both declare them), on the same host first, then in the
-    /// same zone, then (only under [`ZonePolicy::CrossZoneWhenNoneFree`]) any; among equals the
-    /// one with the most free slots. `None` if no prover qualifies. The first of [`Self::provers_for`].
-    #[cfg(test)]
-    pub fn pick_prover(&self, wvg: &Conn, policy: ZonePolicy) -> Option<String> {
-        self.provers_for(wvg, policy).into_iter().next()
-    }
-
     /// Every prover `wvg` may be matched with now, best first: free, not draining or
     /// quarantined, sharing a protocol version and a pair of the WVG's prover group; the same
     /// host, then the same zone, then (with [`ZonePolicy::CrossZoneWhenNoneFree`]) another zone;
@@ -262,20 +253,20 @@ mod tests {
         r.add(conn("p-a-other", Role::Prover, "a", "h2", 1));
         r.add(conn("p-a-local", Role::Prover, "a", "h1", 1));
         let wvg = || r.get("wvg").unwrap();
-        assert_eq!(r.pick_prover(wvg(), ZonePolicy::SameZoneOnly).as_deref(), Some("p-a-local"));
+        assert_eq!(r.provers_for(wvg(), ZonePolicy::SameZoneOnly).first().map(String::as_str), Some("p-a-local"));
         let l1 = Uuid::new_v4();
         r.hold_slot("p-a-local", l1);
         let wvg = || r.get("wvg").unwrap();
-        assert_eq!(r.pick_prover(wvg(), ZonePolicy::SameZoneOnly).as_deref(), Some("p-a-other"));
+        assert_eq!(r.provers_for(wvg(), ZonePolicy::SameZoneOnly).first().map(String::as_str), Some("p-a-other"));
         r.hold_slot("p-a-other", Uuid::new_v4());
         // Zone a is full: the zone-b prover is free but never picked under the default policy.
         let wvg = || r.get("wvg").unwrap();
-        assert_eq!(r.pick_prover(wvg(), ZonePolicy::SameZoneOnly), None);
-        assert_eq!(r.pick_prover(wvg(), ZonePolicy::CrossZoneWhenNoneFree).as_deref(), Some("p-b"));
+        assert_eq!(r.provers_for(wvg(), ZonePolicy::SameZoneOnly).first().map(String::as_str), None);
+        assert_eq!(r.provers_for(wvg(), ZonePolicy::CrossZoneWhenNoneFree).first().map(String::as_str), Some("p-b"));
         // A slot freed in zone a is preferred again.
         assert!(r.free_slot(l1));
         let wvg = r.get("wvg").unwrap();
-        assert_eq!(r.pick_prover(wvg, ZonePolicy::CrossZoneWhenNoneFree).as_deref(), Some("p-a-local"));
+        assert_eq!(r.provers_for(wvg, ZonePolicy::CrossZoneWhenNoneFree).first().map(String::as_str), Some("p-a-local"));
     }
 
     #[test]
@@ -291,8 +282,8 @@ mod tests {
         same.versions = vec![65536, 65537];
         r.add(same);
         // The other version's prover is local and has more slots, but proves none of the WVG's versions.
-        assert_eq!(r.pick_prover(r.get("wvg").unwrap(), ZonePolicy::SameZoneOnly).as_deref(), Some("p-old"));
+        assert_eq!(r.provers_for(r.get("wvg").unwrap(), ZonePolicy::SameZoneOnly).first().map(String::as_str), Some("p-old"));
         r.hold_slot("p-old", Uuid::new_v4());
-        assert_eq!(r.pick_prover(r.get("wvg").unwrap(), ZonePolicy::SameZoneOnly), None);
+        assert_eq!(r.provers_for(r.get("wvg").unwrap(), ZonePolicy::SameZoneOnly).first(), None);
     }
 }

@@ -61,6 +61,15 @@ impl MaxLeaseAge {
     pub fn uniform(secs: f64) -> Self {
         MaxLeaseAge { witness_generation: secs, proving: secs, compression: secs }
     }
+
+    /// The limit for `kind`, seconds.
+    pub fn of(&self, kind: JobKind) -> f64 {
+        match kind {
+            JobKind::WitnessGeneration => self.witness_generation,
+            JobKind::Proving => self.proving,
+            JobKind::Compression => self.compression,
+        }
+    }
 }
 
 impl Default for MaxLeaseAge {

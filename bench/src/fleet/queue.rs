@@ -238,6 +238,20 @@ pub struct Requeue {
     pub backend: i32,
 }
 
+/// The statement that queues a fresh copy of each job `j` of `from` (which numbers them
+/// `k.ord`), at sequence numbers from the parameter `base` on (so the copies are new jobs).
+fn copy_sql(base: &str, from: &str) -> String {
+    format!(
+        "INSERT INTO jobs (batch_number, kind, aggregation_round, circuit_id, depth, sequence_number, status, attempts,
+                           max_attempts, priority, protocol_minor, protocol_patch, input_key, output_key, queued_at,
+                           weight_mib, urgency)
+         SELECT j.batch_number, j.kind, j.aggregation_round, j.circuit_id, j.depth, {base} + k.ord::int, 'queued', 0,
+                j.max_attempts, j.priority, j.protocol_minor, j.protocol_patch, j.input_key, j.output_key, now(),
+                j.weight_mib, j.urgency
+         FROM {from}"
+    )
+}
+
 impl Requeue {
     /// On a new connection to `url`.
     pub async fn connect(url: &str) -> anyhow::Result<Requeue> {
@@ -253,18 +267,13 @@ impl Requeue {
         }
         let base = self.next_seq;
         self.next_seq += keys.len() as i32;
-        let n = sqlx::query(
-            "INSERT INTO jobs (batch_number, kind, aggregation_round, circuit_id, depth, sequence_number, status, attempts,
-                               max_attempts, priority, protocol_minor, protocol_patch, input_key, output_key, queued_at,
-                               weight_mib, urgency)
-             SELECT j.batch_number, j.kind, j.aggregation_round, j.circuit_id, j.depth, $7 + k.ord::int, 'queued', 0,
-                    j.max_attempts, j.priority, j.protocol_minor, j.protocol_patch, j.input_key, j.output_key, now(),
-                    j.weight_mib, j.urgency
-             FROM unnest($1::bigint[], $2::text[], $3::smallint[], $4::smallint[], $5::smallint[], $6::int[])
+        let n = sqlx::query(sqlx::AssertSqlSafe(copy_sql(
+            "$7",
+            "unnest($1::bigint[], $2::text[], $3::smallint[], $4::smallint[], $5::smallint[], $6::int[])
                   WITH ORDINALITY AS k(b, kind, r, c, d, s, ord)
              JOIN jobs j ON j.batch_number = k.b AND j.kind = k.kind AND j.aggregation_round = k.r
                         AND j.circuit_id = k.c AND j.depth = k.d AND j.sequence_number = k.s",
-        )
+        )))
         .bind(keys.iter().map(|k| k.batch).collect::<Vec<_>>())
         .bind(keys.iter().map(|k| k.kind.to_string()).collect::<Vec<_>>())
         .bind(keys.iter().map(|k| k.round).collect::<Vec<_>>())
@@ -285,15 +294,7 @@ impl Requeue {
         }
         let base = self.next_seq;
         self.next_seq += ids.len() as i32;
-        let n = sqlx::query(
-            "INSERT INTO jobs (batch_number, kind, aggregation_round, circuit_id, depth, sequence_number, status, attempts,
-                               max_attempts, priority, protocol_minor, protocol_patch, input_key, output_key, queued_at,
-                               weight_mib, urgency)
-             SELECT j.batch_number, j.kind, j.aggregation_round, j.circuit_id, j.depth, $2 + k.ord::int, 'queued', 0,
-                    j.max_attempts, j.priority, j.protocol_minor, j.protocol_patch, j.input_key, j.output_key, now(),
-                    j.weight_mib, j.urgency
-             FROM unnest($1::bigint[]) WITH ORDINALITY AS k(id, ord) JOIN jobs j ON j.id = k.id",
-        )
+        let n = sqlx::query(sqlx::AssertSqlSafe(copy_sql("$2", "unnest($1::bigint[]) WITH ORDINALITY AS k(id, ord) JOIN jobs j ON j.id = k.id")))
         .bind(ids)
         .bind(base)
         .execute(&mut self.conn)

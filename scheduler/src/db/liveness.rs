@@ -133,16 +133,24 @@ pub async fn outage_grace(pool: &PgPool, grace_secs: f64) -> Result<u64, DbError
     .rows_affected())
 }
 
-/// The leases whose deadline has passed, each with whether it reached its longest life
-/// (`max_age` for its kind, from its start) rather than missing its heartbeats.
-pub async fn due_leases(pool: &PgPool, max_age: &MaxLeaseAge) -> Result<Vec<(Uuid, bool)>, DbError> {
+/// A lease whose deadline has passed.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DueLease {
+    /// The lease.
+    pub lease_id: Uuid,
+    /// Its job's kind (`jobs.kind`).
+    pub kind: String,
+    /// Seconds since it was granted (`jobs.leased_at`): compared with [`MaxLeaseAge::of`] its
+    /// kind, it tells a lease that reached its longest life from one that missed its heartbeats.
+    pub age_secs: f64,
+}
+
+/// The leases whose deadline has passed.
+pub async fn due_leases(pool: &PgPool) -> Result<Vec<DueLease>, DbError> {
     Ok(sqlx::query_as(formatcp!(
-        "SELECT lease_id, now() >= leased_at + make_interval(secs => CASE kind WHEN 'witness_generation' THEN $1 WHEN 'proving' THEN $2 ELSE $3 END)
+        "SELECT lease_id, kind, COALESCE(extract(epoch FROM now() - leased_at), 0)::float8 AS age_secs
          FROM jobs WHERE status = {LEASED} AND lease_deadline <= now()"
     ))
-    .bind(max_age.witness_generation)
-    .bind(max_age.proving)
-    .bind(max_age.compression)
     .fetch_all(pool)
     .await?)
 }
