@@ -143,6 +143,21 @@ pub fn parse_header(bytes: &[u8]) -> Result<(ProtocolVersion, Geometry), VerifyE
 /// first use for the proof's version and geometry). Returns the batch's public data on success.
 pub fn verify(proof_bytes: &[u8], batch_bytes: &[u8], setup_root: &Path) -> Result<PublicData, VerifyError> {
     let (version, geometry) = parse_header(proof_bytes)?;
+    let store = SetupStore::new(setup_root, version, geometry).map_err(|e| VerifyError::Setup(e.to_string()))?;
+    verify_in(&store, version, proof_bytes, batch_bytes)
+}
+
+/// [`verify`] with the setup data already open: the compressor checks the final proof it made
+/// against its batch before it reports (issue 16 rule 3), with the store it proved from. The
+/// proof's header must name `version` and `store`'s geometry ([`VerifyError::Format`] if not).
+pub fn verify_in(store: &SetupStore, version: ProtocolVersion, proof_bytes: &[u8], batch_bytes: &[u8]) -> Result<PublicData, VerifyError> {
+    let (header_version, geometry) = parse_header(proof_bytes)?;
+    if header_version != version || geometry != *store.geometry() {
+        return Err(VerifyError::Format(format!(
+            "proof header names protocol version {header_version} and geometry {geometry:?}, the setup data is for {version} and {:?}",
+            store.geometry()
+        )));
+    }
     let batch = Batch::from_bytes(batch_bytes)?;
     if batch.protocol_version != version {
         return Err(VerifyError::Format(format!(
@@ -157,7 +172,6 @@ pub fn verify(proof_bytes: &[u8], batch_bytes: &[u8], setup_root: &Path) -> Resu
         )));
     }
     let expected = PublicData::from_replay(&batch, &replay(&batch)?);
-    let store = SetupStore::new(setup_root, version, geometry).map_err(|e| VerifyError::Setup(e.to_string()))?;
     let vd = store.verifier(CircuitKey::Compression).map_err(|e| VerifyError::Setup(format!("{e:#}")))?;
     let proof = catch_panic(|| {
         CompressedProofWithPublicInputs::<F, C, D>::from_bytes(proof_bytes[HEADER_LEN..].to_vec(), &vd.common)

@@ -391,7 +391,7 @@ async fn completed(shared: &Shared, worker: &str, identity: Option<&str>, c: v1:
         .iter()
         .filter_map(|cc| u8::try_from(cc.circuit_id).ok().map(|id| (CircuitId(id), cc.count)))
         .collect();
-    match shared.completions.complete(db::Report { lease, counts, compute_secs: c.compute_secs }).await {
+    match shared.completions.complete(db::Report { lease, counts, compute_secs: c.compute_secs, verified_against_batch: c.verified_against_batch }).await {
         Ok(done) if done.already_recorded => {
             recorded(outbox, &c.lease_id).await;
             Ok(())

@@ -126,6 +126,7 @@ impl Stage for Gate {
             circuits: [(1, 1), (2, 1), (3, 1)].map(|(circuit_id, count)| v1::CircuitCount { circuit_id, count }).to_vec(),
             compute_secs: 0.0,
             output_bytes: 0,
+            verified_against_batch: false,
         }))
     }
 }
@@ -249,6 +250,7 @@ impl Stage for Prove {
             circuits: [(1, 1), (2, 1), (3, 1)].map(|(circuit_id, count)| v1::CircuitCount { circuit_id, count }).to_vec(),
             compute_secs: cpu,
             output_bytes: 0,
+            verified_against_batch: false,
         }))
     }
 }

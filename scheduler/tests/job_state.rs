@@ -80,7 +80,7 @@ async fn round0_proving_leases(pool: &sqlx::PgPool, settings: &Settings, n: u32,
     let ask = db::LeaseAsk { pairs: &round0, ..db::LeaseAsk::plain(JobKind::WitnessGeneration, "wg", 60.0, policy) };
     let wg = db::lease(pool, &ask).await.unwrap().unwrap();
     assert_eq!(wg.job.batch_number, i64::from(n));
-    let report = db::Report { lease: wg.lease_id, counts: counts.to_vec(), compute_secs: 0.0 };
+    let report = db::Report { lease: wg.lease_id, counts: counts.to_vec(), compute_secs: 0.0, verified_against_batch: true };
     db::complete(pool, &report, settings).await.unwrap();
     let pairs = [1]; // round 0, circuit 1
     let mut leases = vec![];
@@ -100,7 +100,7 @@ async fn two_last_inputs_completing_at_once_queue_their_job_exactly_once() {
         // transactions on two connections.
         let leases = round0_proving_leases(&pool, &settings, n, &[(CircuitId(1), 2), (CircuitId(2), 1), (CircuitId(3), 1)]).await;
         assert_eq!(leases.len(), 2);
-        let report = |l: &db::LeasedJob| db::Report { lease: l.lease_id, counts: vec![], compute_secs: 0.0 };
+        let report = |l: &db::LeasedJob| db::Report { lease: l.lease_id, counts: vec![], compute_secs: 0.0, verified_against_batch: true };
         let (a, b) = (report(&leases[0]), report(&leases[1]));
         let (ra, rb) = tokio::join!(db::complete(&pool, &a, &settings), db::complete(&pool, &b, &settings));
         let queued = ra.unwrap().queued + rb.unwrap().queued;
@@ -123,7 +123,7 @@ async fn a_rejected_input_counts_again_until_it_is_proven_again() {
     let settings = settings();
     let leases = round0_proving_leases(&pool, &settings, 1, &[(CircuitId(1), 2), (CircuitId(2), 1), (CircuitId(3), 1)]).await;
     for l in &leases {
-        db::complete(&pool, &db::Report { lease: l.lease_id, counts: vec![], compute_secs: 0.0 }, &settings).await.unwrap();
+        db::complete(&pool, &db::Report { lease: l.lease_id, counts: vec![], compute_secs: 0.0, verified_against_batch: true }, &settings).await.unwrap();
     }
     let ask = db::LeaseAsk { pairs: &[256 + 1], ..db::LeaseAsk::plain(JobKind::WitnessGeneration, "wg", 60.0, &settings.policy) };
     let leaf = db::lease(&pool, &ask).await.unwrap().expect("the leaf's witness generation is queued");
@@ -143,7 +143,7 @@ async fn a_rejected_input_counts_again_until_it_is_proven_again() {
         .await
         .unwrap()
         .expect("the rejected input is queued again");
-    let done = db::complete(&pool, &db::Report { lease: again.lease_id, counts: vec![], compute_secs: 0.0 }, &settings).await.unwrap();
+    let done = db::complete(&pool, &db::Report { lease: again.lease_id, counts: vec![], compute_secs: 0.0, verified_against_batch: true }, &settings).await.unwrap();
     assert_eq!(done.queued, 1);
     assert_eq!(unfinished().await, ("queued".into(), 0));
 }
@@ -160,7 +160,7 @@ async fn a_graph_of_twelve_thousand_basic_circuits_is_inserted_whole() {
     db::submit_batch(&pool, &new_batch(1, &key), &g, &settings).await.unwrap();
     let wg = db::lease(&pool, &db::LeaseAsk::plain(JobKind::WitnessGeneration, "wg", 60.0, &settings.policy)).await.unwrap().unwrap();
     let started = Instant::now();
-    let done = db::complete(&pool, &db::Report { lease: wg.lease_id, counts: counts.to_vec(), compute_secs: 0.0 }, &settings).await.unwrap();
+    let done = db::complete(&pool, &db::Report { lease: wg.lease_id, counts: counts.to_vec(), compute_secs: 0.0, verified_against_batch: true }, &settings).await.unwrap();
     println!("{} jobs planned and inserted in {:?}", planned.len(), started.elapsed());
     let ready = planned.iter().filter(|j| j.inputs.is_empty()).count() as u64;
     assert_eq!(done.queued, ready);

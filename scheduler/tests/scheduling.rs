@@ -1,6 +1,7 @@
 //! Scheduling policy against a real PostgreSQL over real gRPC (docs/scheduling.md): prover
 //! groups, protocol versions (two fleets through an upgrade), order and ageing, setup-data
-//! affinity, memory budgets, and a long mixed run without starvation.
+//! affinity, memory budgets, a long mixed run without starvation, and a batch proven only on a
+//! final proof verified against it.
 
 mod common;
 
@@ -316,6 +317,54 @@ async fn two_fleets_of_different_versions_prove_every_batch_of_both_through_an_u
         let expected: Vec<u32> = if v == version(1, 0) { vec![1, 2, 3, 5] } else { vec![4, 6] };
         assert_eq!(batches.into_iter().collect::<Vec<_>>(), expected, "fleet {v:?} proved exactly its batches");
     }
+}
+
+/// Issue 16 rule 3: a batch is proven only on a compression completion that says its final proof
+/// was verified against the batch. One that does not is refused, its lease ends as a retryable
+/// failure naming why, and the job is leased again; the batch stays proving until a verified one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_proven_only_on_a_final_proof_verified_against_it() {
+    let s = start_scheduler_with(settings()).await;
+    let stop = CancellationToken::new();
+    let _stop_on_panic = stop.clone().drop_guard();
+    let prover = RawWorker::connect(&s.url, register(Role::Prover, "a", "h", 2, "http://prover:1")).await;
+    let mut wvg = Sim::new(register(Role::Wvg, "a", "h", 2, ""), 2);
+    wvg.provers = vec![prover.id.clone()];
+    let _sims = [Sim::new(register(Role::WitnessGenerator, "a", "h", 2, ""), 2).spawn(s.url.clone(), stop.clone()), wvg.spawn(s.url.clone(), stop.clone())];
+    let mut compressor = RawWorker::connect(&s.url, register(Role::Compressor, "a", "h", 1, "")).await;
+    compressor.credit(1);
+    assert!(submit(&s.url, 1).await);
+    let first = match compressor.next(Duration::from_secs(30)).await {
+        Some(v1::scheduler_message::Msg::Lease(l)) => l,
+        other => panic!("expected the compression lease, got {other:?}"),
+    };
+    // A completion that does not say it verified the final proof against the batch.
+    let unverified = v1::Completed { lease_id: first.lease_id.clone(), verified_against_batch: false, ..Default::default() };
+    compressor.send(worker_message::Msg::Completed(unverified));
+    match compressor.next(Duration::from_secs(5)).await {
+        Some(v1::scheduler_message::Msg::Refused(r)) => {
+            assert_eq!(r.lease_id, first.lease_id);
+            assert!(r.reason.contains("verified against the batch"), "{}", r.reason);
+        }
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    assert_eq!(get_batch(&s.url, 1).await.state, v1::BatchState::Proving as i32, "not proven on an unverified final proof");
+    let (outcome, error): (String, String) = sqlx::query_as("SELECT outcome, coalesce(error, '') FROM leases WHERE lease_id = $1")
+        .bind(uuid::Uuid::parse_str(&first.lease_id).unwrap())
+        .fetch_one(&s.shared.pool)
+        .await
+        .unwrap();
+    assert_eq!(outcome, "failed");
+    assert!(error.contains("verified against the batch"), "{error}");
+    // The job is leased again (one attempt of three spent), and a verified completion proves it.
+    compressor.credit(1);
+    let again = compressor.lease().await;
+    assert_eq!(again.job, first.job);
+    assert_ne!(again.lease_id, first.lease_id);
+    compressor.complete(&again.lease_id, &[]);
+    compressor.expect_recorded(&again.lease_id).await;
+    until_proven(&s.url, [1], Duration::from_secs(5)).await;
+    stop.cancel();
 }
 
 // ------------------------------------------------------------------ order

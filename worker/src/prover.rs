@@ -138,6 +138,7 @@ impl ProverService {
             circuits: vec![],
             compute_secs: header.wvg_compute_secs + secs,
             output_bytes: bytes,
+            ..Default::default()
         })
     }
 }

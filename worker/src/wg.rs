@@ -86,6 +86,7 @@ impl Stage for WitnessGenerator {
                 .collect(),
             compute_secs: secs,
             output_bytes: bytes,
+            ..Default::default()
         }))
     }
 }

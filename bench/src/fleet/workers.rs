@@ -124,7 +124,7 @@ pub struct Fleet {
 }
 
 fn completed(lease_id: &str, circuits: Vec<v1::CircuitCount>) -> v1::Completed {
-    v1::Completed { lease_id: lease_id.into(), circuits, compute_secs: 0.0, output_bytes: 0 }
+    v1::Completed { lease_id: lease_id.into(), circuits, compute_secs: 0.0, output_bytes: 0, verified_against_batch: true }
 }
 
 fn key_of(job: &v1::JobIdentity) -> JobKey {

@@ -116,14 +116,20 @@ pub struct Report {
     pub counts: Vec<(CircuitId, u32)>,
     /// CPU seconds the job took, as the worker measured.
     pub compute_secs: f64,
+    /// Compression: the worker verified the final proof against the batch file's public data
+    /// (`Completed.verified_against_batch`). Ignored for other kinds.
+    pub verified_against_batch: bool,
 }
 
 /// Records a completion on `conn` (a transaction: the completions batcher's, or
 /// [`complete`]'s): the first valid result of a job wins ([`CLAIM`]); refused with
 /// [`DbError::StaleLease`] when the lease is unknown, failed, or its job already finished
 /// through another lease. A round-0 witness generation inserts the batch's job graph from
-/// `counts`; compression marks the batch proven. Recording the same lease twice changes
-/// nothing the second time. One statement, two more for a round-0 witness generation.
+/// `counts`; compression marks the batch proven, and only when the report says its final proof
+/// was verified against the batch (issue 16 rule 3): one that does not is [`DbError::Refused`]
+/// (nothing recorded once the transaction rolls back; the caller ends the lease as a retryable
+/// failure). Recording the same lease twice changes nothing the second time. One statement, two
+/// more for a round-0 witness generation.
 pub async fn complete_in(conn: &mut PgConnection, report: &Report, settings: &Settings) -> Result<Completion, DbError> {
     let lease = report.lease;
     let row: Option<ClaimRow> =
@@ -166,6 +172,11 @@ pub async fn complete_in(conn: &mut PgConnection, report: &Report, settings: &Se
                     fail_batch(conn, batch, &format!("round-0 witness generation: {e}")).await?;
                 }
             }
+        }
+        (JobKind::Compression, _) if !report.verified_against_batch => {
+            return Err(DbError::Refused(
+                "a compression completion must say its final proof was verified against the batch (verified_against_batch)".into(),
+            ));
         }
         (JobKind::Compression, _) => {
             const PROVE: &str = formatcp!(

@@ -127,7 +127,8 @@ impl RawWorker {
 
     pub fn complete(&self, lease_id: &str, circuits: &[(u32, u32)]) {
         let circuits = circuits.iter().map(|&(circuit_id, count)| v1::CircuitCount { circuit_id, count }).collect();
-        let c = v1::Completed { lease_id: lease_id.into(), circuits, compute_secs: 0.0, output_bytes: 0 };
+        // Says the final proof was checked against its batch, as the compressor does (ignored on other leases).
+        let c = v1::Completed { lease_id: lease_id.into(), circuits, compute_secs: 0.0, output_bytes: 0, verified_against_batch: true };
         self.tx.send(msg(worker_message::Msg::Completed(c))).unwrap();
     }
 
