@@ -72,12 +72,12 @@ async fn simulate(geometry: Geometry, counts: &[(CircuitId, u32)], provers: usiz
         }
         for job in wg_done {
             let c: &[(CircuitId, u32)] = if job.job.aggregation_round == 0 { counts } else { &[] };
-            db::complete(&pool, &db::Report { lease: job.lease_id, counts: c.to_vec(), compute_secs: 0.0, verified_against_batch: true }, &settings).await?;
+            db::complete(&pool, &db::Report { lease: job.lease_id, counts: c.to_vec(), compute_secs: 0.0, verified_against_batch: true, by: None, identity: None }, &settings).await?;
         }
         let mut progressed = false;
         for (i, p) in provers.iter_mut().enumerate() {
             if let Some(lease) = p.holding.take() {
-                db::complete(&pool, &db::Report { lease, counts: vec![], compute_secs: 0.0, verified_against_batch: true }, &settings).await?;
+                db::complete(&pool, &db::Report { lease, counts: vec![], compute_secs: 0.0, verified_against_batch: true, by: None, identity: None }, &settings).await?;
                 progressed = true;
             }
             let name = format!("prover-{i}");
@@ -105,7 +105,7 @@ async fn simulate(geometry: Geometry, counts: &[(CircuitId, u32)], provers: usiz
             v
         };
         for lease in compressions {
-            db::complete(&pool, &db::Report { lease, counts: vec![], compute_secs: 0.0, verified_against_batch: true }, &settings).await?;
+            db::complete(&pool, &db::Report { lease, counts: vec![], compute_secs: 0.0, verified_against_batch: true, by: None, identity: None }, &settings).await?;
             progressed = true;
         }
         if proven == i64::from(copies) {

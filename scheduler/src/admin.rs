@@ -314,8 +314,13 @@ impl AdminService {
         if drained.is_empty() {
             return Err(Status::not_found(format!("no connected worker has the id or name {who:?}")));
         }
-        tracing::warn!(worker = who, connections = ?drained, "admin: worker drained");
-        let workers = self.workers().await?.into_iter().filter(|w| drained.contains(&w.id)).collect();
+        // Kept by name: a reconnect, or a scheduler restart, finds it drained again.
+        for (_, name, identity) in &drained {
+            db::drain_worker(&self.shared.pool, name, identity.as_deref()).await.map_err(internal)?;
+        }
+        let ids: Vec<&String> = drained.iter().map(|(id, _, _)| id).collect();
+        tracing::warn!(worker = who, connections = ?ids, "admin: worker drained (until Admin.ReleaseWorker)");
+        let workers = self.workers().await?.into_iter().filter(|w| ids.contains(&&w.id)).collect();
         Ok(v1::ListWorkersResponse { workers })
     }
 
@@ -363,7 +368,7 @@ impl AdminService {
                 slots_used: c.slots_used,
                 leases_held: 0,
                 last_heartbeat_unix_ms: 0,
-                draining: c.draining,
+                draining: c.draining || c.drained,
                 prover_endpoint: c.prover_endpoint.clone(),
                 prover_group: c.prover_group,
                 protocol_versions: c.versions.iter().map(|&v| ProtocolVersion::from_packed(v as u32).into()).collect(),
@@ -393,10 +398,16 @@ impl AdminService {
     }
 
     async fn release(&self, r: v1::ReleaseWorkerRequest) -> Result<v1::ListWorkersResponse, Status> {
-        if !db::release_worker(&self.shared.pool, &r.worker).await.map_err(internal)? {
-            return Err(Status::not_found(format!("worker {:?} is not quarantined", r.worker)));
+        let (quarantined, drained) = db::release_worker(&self.shared.pool, &r.worker).await.map_err(internal)?;
+        if !quarantined && !drained {
+            return Err(Status::not_found(format!("worker {:?} is neither quarantined nor drained", r.worker)));
         }
-        self.shared.registry().quarantine(&r.worker, false);
+        {
+            let mut registry = self.shared.registry();
+            registry.quarantine(&r.worker, false);
+            registry.undrain(&r.worker);
+        }
+        tracing::warn!(worker = r.worker, quarantined, drained, "admin: worker released");
         self.shared.wake_dispatcher();
         let workers = self.workers().await?.into_iter().filter(|w| w.name == r.worker).collect();
         Ok(v1::ListWorkersResponse { workers })

@@ -47,12 +47,22 @@ pub struct Conn {
     pub slots_used: u32,
     /// It sent `Drain`: no more leases, no more witness vectors.
     pub draining: bool,
+    /// An operator drained its name (`Admin.DrainWorker`, kept in `drained_workers` until
+    /// `Admin.ReleaseWorker`): the same.
+    pub drained: bool,
     /// Its certificate subject (TLS on): leases granted to it are bound to it.
     pub identity: Option<String>,
     /// Its name is quarantined (proofs that did not verify): no leases, no witness vectors.
     pub quarantined: bool,
     /// Its stream.
     pub outbox: Outbox,
+}
+
+impl Conn {
+    /// Whether it may be given work: neither it nor an operator drained it.
+    pub fn takes_work(&self) -> bool {
+        !self.draining && !self.drained
+    }
 }
 
 /// When a WVG may be matched with a prover of another zone.
@@ -117,17 +127,25 @@ impl Registry {
         }
     }
 
-    /// Drains the workers whose id or name is `who` (no more leases, no more WVG matches).
-    /// Returns their ids.
-    pub fn drain(&mut self, who: &str) -> Vec<String> {
-        let mut ids = vec![];
+    /// Drains the workers whose id or name is `who` (no more leases, no more WVG matches), as an
+    /// operator asked; their credits stay, for when they are released. Returns their
+    /// `(id, name, identity)`, by id.
+    pub fn drain(&mut self, who: &str) -> Vec<(String, String, Option<String>)> {
+        let mut drained = vec![];
         for c in self.workers.values_mut().filter(|c| c.id == who || c.name == who) {
-            c.draining = true;
-            c.credits = 0;
-            ids.push(c.id.clone());
+            c.drained = true;
+            drained.push((c.id.clone(), c.name.clone(), c.identity.clone()));
         }
-        ids.sort();
-        ids
+        drained.sort();
+        drained
+    }
+
+    /// Lifts an operator's drain of every connection named `name` (not a drain the worker asked
+    /// for itself).
+    pub fn undrain(&mut self, name: &str) {
+        for c in self.workers.values_mut().filter(|c| c.name == name) {
+            c.drained = false;
+        }
     }
 
     /// Workers that take leases (not provers) and have credits, by id.
@@ -135,7 +153,7 @@ impl Registry {
         let mut ids: Vec<String> = self
             .workers
             .values()
-            .filter(|c| c.credits > 0 && c.role != Role::Prover && !c.draining)
+            .filter(|c| c.credits > 0 && c.role != Role::Prover && c.takes_work())
             .map(|c| c.id.clone())
             .collect();
         ids.sort();
@@ -154,7 +172,7 @@ impl Registry {
             versions && crate::groups::intersect(&wvg.pairs, &p.pairs).is_some()
         };
         let mut ranked: Vec<(u8, u32, &str)> = vec![];
-        for p in self.workers.values().filter(|p| p.role == Role::Prover && p.slots_used < p.capacity && !p.draining && !p.quarantined && fits(p)) {
+        for p in self.workers.values().filter(|p| p.role == Role::Prover && p.slots_used < p.capacity && p.takes_work() && !p.quarantined && fits(p)) {
             let locality = match (p.zone == wvg.zone, p.host == wvg.host) {
                 (true, true) => 0,
                 (true, false) => 1,
@@ -239,6 +257,7 @@ mod tests {
             credits: 1,
             slots_used: 0,
             draining: false,
+            drained: false,
             identity: None,
             quarantined: false,
             outbox,

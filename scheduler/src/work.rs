@@ -134,9 +134,12 @@ impl v1::scheduler_server::Scheduler for WorkService {
         .await
         .map_err(internal)?;
 
-        let quarantined = db::is_quarantined(&self.shared.pool, &name).await.map_err(internal)?;
+        let (quarantined, drained) = db::holds(&self.shared.pool, &name).await.map_err(internal)?;
         if quarantined {
             tracing::warn!(worker = %id, name, "registered while quarantined: it gets nothing until Admin.ReleaseWorker");
+        }
+        if drained {
+            tracing::warn!(worker = %id, name, "registered while drained by an operator: it gets nothing until Admin.ReleaseWorker");
         }
         let (outbox, rx) = mpsc::channel(OUTBOX_DEPTH);
         let registered = v1::Registered { worker_id: id.clone(), heartbeat_interval_ms: self.shared.settings.heartbeat_ms };
@@ -160,6 +163,7 @@ impl v1::scheduler_server::Scheduler for WorkService {
             credits: 0,
             slots_used: 0,
             draining: false,
+            drained,
             identity: identity.clone(),
             quarantined,
             outbox: outbox.clone(),
@@ -243,6 +247,8 @@ async fn serve_worker(
         };
         match msg {
             Some(worker_message::Msg::Credit(c)) => {
+                // Kept while an operator's drain holds (it may be released); not once the
+                // worker itself drains (it is leaving).
                 if let Some(conn) = shared.registry().get_mut(id).filter(|c| !c.draining) {
                     // Never more than its capacity: a worker cannot take the whole queue by
                     // sending credits it does not have.
@@ -391,7 +397,14 @@ async fn completed(shared: &Shared, worker: &str, identity: Option<&str>, c: v1:
         .iter()
         .filter_map(|cc| u8::try_from(cc.circuit_id).ok().map(|id| (CircuitId(id), cc.count)))
         .collect();
-    match shared.completions.complete(db::Report { lease, counts, compute_secs: c.compute_secs, verified_against_batch: c.verified_against_batch }).await {
+    match shared.completions.complete(db::Report {
+        lease,
+        counts,
+        compute_secs: c.compute_secs,
+        verified_against_batch: c.verified_against_batch,
+        by: Some(worker.to_string()),
+        identity: identity.map(str::to_string),
+    }).await {
         Ok(done) if done.already_recorded => {
             recorded(outbox, &c.lease_id).await;
             Ok(())

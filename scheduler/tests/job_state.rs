@@ -1,6 +1,7 @@
 //! The job-state core against a real PostgreSQL: set-based dispatch (idle workers cost no SQL),
 //! the readiness counter under concurrent last inputs, the job graph inserted set-based, the
-//! start-up rerank, and a hand-back as its own lease outcome.
+//! start-up rerank, a hand-back as its own lease outcome, and strikes on whoever handed a
+//! rejected proof in.
 
 mod common;
 
@@ -80,7 +81,7 @@ async fn round0_proving_leases(pool: &sqlx::PgPool, settings: &Settings, n: u32,
     let ask = db::LeaseAsk { pairs: &round0, ..db::LeaseAsk::plain(JobKind::WitnessGeneration, "wg", 60.0, policy) };
     let wg = db::lease(pool, &ask).await.unwrap().unwrap();
     assert_eq!(wg.job.batch_number, i64::from(n));
-    let report = db::Report { lease: wg.lease_id, counts: counts.to_vec(), compute_secs: 0.0, verified_against_batch: true };
+    let report = db::Report { lease: wg.lease_id, counts: counts.to_vec(), compute_secs: 0.0, verified_against_batch: true, by: None, identity: None };
     db::complete(pool, &report, settings).await.unwrap();
     let pairs = [1]; // round 0, circuit 1
     let mut leases = vec![];
@@ -100,7 +101,7 @@ async fn two_last_inputs_completing_at_once_queue_their_job_exactly_once() {
         // transactions on two connections.
         let leases = round0_proving_leases(&pool, &settings, n, &[(CircuitId(1), 2), (CircuitId(2), 1), (CircuitId(3), 1)]).await;
         assert_eq!(leases.len(), 2);
-        let report = |l: &db::LeasedJob| db::Report { lease: l.lease_id, counts: vec![], compute_secs: 0.0, verified_against_batch: true };
+        let report = |l: &db::LeasedJob| db::Report { lease: l.lease_id, counts: vec![], compute_secs: 0.0, verified_against_batch: true, by: None, identity: None };
         let (a, b) = (report(&leases[0]), report(&leases[1]));
         let (ra, rb) = tokio::join!(db::complete(&pool, &a, &settings), db::complete(&pool, &b, &settings));
         let queued = ra.unwrap().queued + rb.unwrap().queued;
@@ -123,7 +124,7 @@ async fn a_rejected_input_counts_again_until_it_is_proven_again() {
     let settings = settings();
     let leases = round0_proving_leases(&pool, &settings, 1, &[(CircuitId(1), 2), (CircuitId(2), 1), (CircuitId(3), 1)]).await;
     for l in &leases {
-        db::complete(&pool, &db::Report { lease: l.lease_id, counts: vec![], compute_secs: 0.0, verified_against_batch: true }, &settings).await.unwrap();
+        db::complete(&pool, &db::Report { lease: l.lease_id, counts: vec![], compute_secs: 0.0, verified_against_batch: true, by: None, identity: None }, &settings).await.unwrap();
     }
     let ask = db::LeaseAsk { pairs: &[256 + 1], ..db::LeaseAsk::plain(JobKind::WitnessGeneration, "wg", 60.0, &settings.policy) };
     let leaf = db::lease(&pool, &ask).await.unwrap().expect("the leaf's witness generation is queued");
@@ -143,9 +144,64 @@ async fn a_rejected_input_counts_again_until_it_is_proven_again() {
         .await
         .unwrap()
         .expect("the rejected input is queued again");
-    let done = db::complete(&pool, &db::Report { lease: again.lease_id, counts: vec![], compute_secs: 0.0, verified_against_batch: true }, &settings).await.unwrap();
+    let done = db::complete(&pool, &db::Report { lease: again.lease_id, counts: vec![], compute_secs: 0.0, verified_against_batch: true, by: None, identity: None }, &settings).await.unwrap();
     assert_eq!(done.queued, 1);
     assert_eq!(unfinished().await, ("queued".into(), 0));
+}
+
+/// Issue 16 rule 4: a strike lands on whoever handed the rejected proof in. Here a late result:
+/// the liar's lease expired, the job was leased to an honest worker, then the liar's result came
+/// and won. When the next round rejects that proof, the liar (its name and identity) is struck and
+/// quarantined, not the honest holder of the newer lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strike_for_a_late_result_lands_on_whoever_handed_it_in() {
+    let (pool, _) = fresh_database().await;
+    let settings = settings();
+    for (id, name) in [("conn-liar", "liar"), ("conn-honest", "honest")] {
+        let identity = format!("CN={name}");
+        db::register_worker(&pool, id, name, "wvg", "a", "test", "h", 1, None, Some(&identity)).await.unwrap();
+    }
+    let key = keys::batch_input(BatchNumber(1));
+    db::submit_batch(&pool, &new_batch(1, &key), &settings.geometry, &settings).await.unwrap();
+    let policy = &settings.policy;
+    let wg = db::lease(&pool, &db::LeaseAsk::plain(JobKind::WitnessGeneration, "wg", 60.0, policy)).await.unwrap().unwrap();
+    let counts = [(CircuitId(1), 1), (CircuitId(2), 1), (CircuitId(3), 1)];
+    let report = |lease, by: Option<&str>| db::Report {
+        lease,
+        counts: vec![],
+        compute_secs: 0.0,
+        verified_against_batch: true,
+        by: by.map(str::to_string),
+        identity: by.map(|b| format!("CN={}", b.trim_start_matches("conn-"))),
+    };
+    db::complete(&pool, &db::Report { counts: counts.to_vec(), ..report(wg.lease_id, Some("wg")) }, &settings).await.unwrap();
+
+    // The liar's lease of the circuit-1 basic proof expires; the job goes to the honest worker.
+    let pairs = [1];
+    let ask = |worker, secs| db::LeaseAsk { pairs: &pairs, ..db::LeaseAsk::plain(JobKind::Proving, worker, secs, policy) };
+    let late = db::lease(&pool, &ask("conn-liar", 0.05)).await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    db::end_lease(&pool, late.lease_id, "expired", true, db::EndReason::Expired).await.unwrap().expect("expired");
+    let newer = db::lease(&pool, &ask("conn-honest", 60.0)).await.unwrap().expect("leased again");
+    assert_eq!(newer.id, late.id);
+    // The late result wins; the honest worker's newer lease is superseded.
+    let done = db::complete(&pool, &report(late.lease_id, Some("conn-liar")), &settings).await.unwrap();
+    assert_eq!(done.superseded.as_ref().map(|(l, _)| *l), Some(newer.lease_id));
+
+    // The leaf's witness generator finds that proof invalid.
+    let leaf = db::lease(&pool, &db::LeaseAsk { pairs: &[256 + 1], ..db::LeaseAsk::plain(JobKind::WitnessGeneration, "wg", 60.0, policy) })
+        .await
+        .unwrap()
+        .expect("the leaf's witness generation is queued");
+    let r = db::reject_inputs(&pool, leaf.lease_id, &[0], &[], "bad proof", 1).await.unwrap().unwrap();
+    assert_eq!(r.requeued.iter().map(|i| i.by.as_deref()).collect::<Vec<_>>(), [Some("liar")]);
+    assert_eq!(r.quarantined, ["liar"]);
+    let strikes: Vec<(String, Option<String>, uuid::Uuid)> =
+        sqlx::query_as("SELECT worker_name, identity, lease_id FROM strikes").fetch_all(&pool).await.unwrap();
+    assert_eq!(strikes, [("liar".to_string(), Some("CN=liar".to_string()), late.lease_id)]);
+    let quarantined: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT worker_name, identity FROM quarantined_workers").fetch_all(&pool).await.unwrap();
+    assert_eq!(quarantined, [("liar".to_string(), Some("CN=liar".to_string()))]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,7 +216,7 @@ async fn a_graph_of_twelve_thousand_basic_circuits_is_inserted_whole() {
     db::submit_batch(&pool, &new_batch(1, &key), &g, &settings).await.unwrap();
     let wg = db::lease(&pool, &db::LeaseAsk::plain(JobKind::WitnessGeneration, "wg", 60.0, &settings.policy)).await.unwrap().unwrap();
     let started = Instant::now();
-    let done = db::complete(&pool, &db::Report { lease: wg.lease_id, counts: counts.to_vec(), compute_secs: 0.0, verified_against_batch: true }, &settings).await.unwrap();
+    let done = db::complete(&pool, &db::Report { lease: wg.lease_id, counts: counts.to_vec(), compute_secs: 0.0, verified_against_batch: true, by: None, identity: None }, &settings).await.unwrap();
     println!("{} jobs planned and inserted in {:?}", planned.len(), started.elapsed());
     let ready = planned.iter().filter(|j| j.inputs.is_empty()).count() as u64;
     assert_eq!(done.queued, ready);

@@ -56,7 +56,8 @@ pub enum EndReason {
 /// The claim of a result, in one statement: the lease must be current, or expired (a late
 /// result: the first valid result of a job wins, and the job's newer lease is superseded); its
 /// job must be unfinished (leased or queued). It marks the job succeeded under this lease, ends
-/// the lease (and the superseded one), and counts the success down in every waiting job the job
+/// the lease (and the superseded one) recording who handed the result in (`$3`, `$4`: the
+/// connection and identity; issue 16 rule 4), and counts the success down in every waiting job the job
 /// feeds (`jobs.unfinished_inputs`), queueing those that reach 0. Concurrent last inputs of one
 /// job serialize on its row, and each decrement applies to the newest row (READ COMMITTED
 /// re-evaluates an `UPDATE` on a row changed since its snapshot), so exactly one of them
@@ -74,7 +75,9 @@ const CLAIM: &str = formatcp!(
                         jobs.protocol_minor, jobs.protocol_patch, jobs.output_key,
                         NULLIF(old.current, $1) AS superseded, old.holder),
      ended AS (UPDATE leases SET outcome = CASE WHEN leases.lease_id = $1 THEN {SUCCEEDED} ELSE {SUPERSEDED} END,
-                                 ended_at = now()
+                                 ended_at = now(),
+                                 completed_by = CASE WHEN leases.lease_id = $1 THEN $3 ELSE leases.completed_by END,
+                                 completed_identity = CASE WHEN leases.lease_id = $1 THEN $4 ELSE leases.completed_identity END
                FROM done WHERE leases.lease_id IN ($1, done.superseded) AND (leases.lease_id = $1 OR leases.outcome IS NULL)
                RETURNING 1),
      ready AS (UPDATE jobs SET unfinished_inputs = jobs.unfinished_inputs - 1,
@@ -119,6 +122,11 @@ pub struct Report {
     /// Compression: the worker verified the final proof against the batch file's public data
     /// (`Completed.verified_against_batch`). Ignored for other kinds.
     pub verified_against_batch: bool,
+    /// The connection (`workers.id`) that handed the result in: a strike for it, if the next
+    /// round rejects the proof, lands there ([`reject_inputs`]). `None`: not a worker's report.
+    pub by: Option<String>,
+    /// The certificate identity of that connection (`None` without TLS).
+    pub identity: Option<String>,
 }
 
 /// Records a completion on `conn` (a transaction: the completions batcher's, or
@@ -133,7 +141,13 @@ pub struct Report {
 pub async fn complete_in(conn: &mut PgConnection, report: &Report, settings: &Settings) -> Result<Completion, DbError> {
     let lease = report.lease;
     let row: Option<ClaimRow> =
-        sqlx::query_as(CLAIM).bind(lease).bind(report.compute_secs).fetch_optional(&mut *conn).await?;
+        sqlx::query_as(CLAIM)
+        .bind(lease)
+        .bind(report.compute_secs)
+        .bind(report.by.as_deref())
+        .bind(report.identity.as_deref())
+        .fetch_optional(&mut *conn)
+        .await?;
     let Some(row) = row else { return Err(DbError::StaleLease(lease)) };
     let (Some(id), Some(batch), Some(kind_name), Some(round), Some(circuit_id), Some(priority), Some(minor), Some(patch)) = (
         row.id,
@@ -320,8 +334,10 @@ pub struct RejectedInput {
 /// `lease`, in `job_inputs.position` order) that do not verify, and inputs `lost` that are
 /// missing from the artifact store. In one transaction: each such input job that had succeeded
 /// is queued again (its lease's outcome becomes `rejected`); for a bad proof the worker name
-/// that completed it gets a strike (`strikes`), and a name with `quarantine_after` strikes is
-/// quarantined (`quarantined_workers`); a lost one strikes nobody (storage is not a prover).
+/// and identity that handed it in (`leases.completed_by`, `completed_identity`: for a late
+/// result the expired lease's holder, never the holder of the job's newer lease) get a strike
+/// (`strikes`), and a name with `quarantine_after` strikes is quarantined
+/// (`quarantined_workers`); a lost one strikes nobody (storage is not a prover).
 /// The consuming job goes back to waiting for its inputs, its attempt not counted.
 /// `Ok(None)`: `lease` is not current. Errors: an index beyond the job's inputs, or a lost input
 /// that is not a proof (a proving job's output: only those can be made again from their own
@@ -342,8 +358,12 @@ pub async fn reject_inputs(
     .fetch_optional(&mut *tx)
     .await?;
     let Some((consumer, batch, kind, round, circuit_id)) = job else { return Ok(None) };
-    let inputs = sqlx::query_as::<_, (i64, String, Option<Uuid>, Option<String>, String, i16, i16)>(
-        "SELECT i.id, i.status, i.lease_id, i.leased_to, i.kind, i.aggregation_round, i.circuit_id FROM job_inputs ji JOIN jobs i ON i.id = ji.input_job_id
+    // Who handed each input in: the connection that completed its winning lease (before
+    // migration 0009, none was recorded: the job's last holder).
+    let inputs = sqlx::query_as::<_, (i64, String, Option<Uuid>, Option<String>, Option<String>, String, i16, i16)>(
+        "SELECT i.id, i.status, i.lease_id, coalesce(il.completed_by, i.leased_to), il.completed_identity,
+                i.kind, i.aggregation_round, i.circuit_id
+         FROM job_inputs ji JOIN jobs i ON i.id = ji.input_job_id LEFT JOIN leases il ON il.lease_id = i.lease_id
          WHERE ji.job_id = $1 ORDER BY ji.position FOR UPDATE OF i",
     )
     .bind(consumer)
@@ -352,7 +372,7 @@ pub async fn reject_inputs(
     let mut out = Rejection { batch_number: batch, job: JobLabels { kind, round, circuit_id }, ..Rejection::default() };
     let named = bad.iter().map(|&i| (i, true)).chain(lost.iter().map(|&i| (i, false)));
     for (i, strike) in named {
-        let (input, status, input_lease, holder, input_kind, input_round, input_circuit) = inputs
+        let (input, status, input_lease, handed_in_by, handed_in_identity, input_kind, input_round, input_circuit) = inputs
             .get(i as usize)
             .ok_or_else(|| DbError::Invalid(format!("input {i}: job {consumer} has {} inputs", inputs.len())))?;
         if !strike && input_kind != JobKind::Proving.as_str() {
@@ -371,7 +391,11 @@ pub async fn reject_inputs(
         .await?;
         sqlx::query(formatcp!("UPDATE leases SET outcome = {REJECTED}, error = $2 WHERE lease_id = $1")).bind(input_lease).bind(reason).execute(&mut *tx).await?;
         let who: Option<(String, Option<String>)> =
-            sqlx::query_as("SELECT name, identity FROM workers WHERE id = $1").bind(holder).fetch_optional(&mut *tx).await?;
+            sqlx::query_as("SELECT name, coalesce($2, identity) FROM workers WHERE id = $1")
+                .bind(handed_in_by)
+                .bind(handed_in_identity)
+                .fetch_optional(&mut *tx)
+                .await?;
         if let (true, Some((name, identity)), Some(input_lease)) = (strike, &who, input_lease) {
             sqlx::query("INSERT INTO strikes (worker_name, identity, job_id, lease_id, reason) VALUES ($1, $2, $3, $4, $5)")
                 .bind(name)
@@ -382,13 +406,14 @@ pub async fn reject_inputs(
                 .execute(&mut *tx)
                 .await?;
             let quarantined: Option<String> = sqlx::query_scalar(
-                "INSERT INTO quarantined_workers (worker_name, reason)
-                 SELECT $1, $2 WHERE (SELECT count(*) FROM strikes WHERE worker_name = $1) >= $3
+                "INSERT INTO quarantined_workers (worker_name, reason, identity)
+                 SELECT $1, $2, $4 WHERE (SELECT count(*) FROM strikes WHERE worker_name = $1) >= $3
                  ON CONFLICT DO NOTHING RETURNING worker_name",
             )
             .bind(name)
             .bind(format!("proofs that did not verify; the last: {reason}"))
             .bind(quarantine_after)
+            .bind(identity)
             .fetch_optional(&mut *tx)
             .await?;
             out.quarantined.extend(quarantined);
