@@ -63,6 +63,10 @@ enum Command {
         /// On SIGTERM, how long a running compression may finish before it is handed back, seconds.
         #[arg(long, env = "PROOFMESH_DRAIN_GRACE_SECS", default_value_t = 60.0)]
         drain_grace_secs: f64,
+        /// The longest one compression may run, seconds: past it the job is reported failed
+        /// (retryable) as hung and its lease released.
+        #[arg(long, env = "PROOFMESH_STAGE_TIMEOUT_SECS", default_value_t = runner::DEFAULT_STAGE_TIMEOUT_SECS)]
+        stage_timeout_secs: f64,
         /// Mutual TLS to the scheduler.
         #[command(flatten)]
         tls: proofmesh_proto::TlsArgs,
@@ -102,7 +106,7 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Run { scheduler, artifacts, zone, region, name, capacity, drain_grace_secs, metrics_listen, tls } => {
+        Command::Run { scheduler, artifacts, zone, region, name, capacity, drain_grace_secs, stage_timeout_secs, metrics_listen, tls } => {
             anyhow::ensure!(capacity >= 1, "--capacity must be at least 1");
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
@@ -135,7 +139,8 @@ fn main() -> anyhow::Result<()> {
                 let stage = Arc::new(stage::Compressor { artifacts: store, setups: Arc::new(setups) });
                 let (client, leases) = LeaseClient::start(reg, stop.clone());
                 let grace = std::time::Duration::from_secs_f64(drain_grace_secs.max(0.0));
-                runner::run(client, leases, stage, drain, grace).await;
+                let stage_timeout = std::time::Duration::from_secs_f64(stage_timeout_secs.max(0.001));
+                runner::run(client, leases, stage, drain, grace, stage_timeout).await;
                 stop.cancel();
                 Ok(())
             })

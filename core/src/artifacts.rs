@@ -108,16 +108,41 @@ pub fn check_key(key: &str) -> Result<(), ArtifactError> {
 
 #[async_trait]
 impl ArtifactStore for LocalStore {
+    /// Durable before it returns (issue 16 rule 2: a write reported done survives a crash of
+    /// the host): the bytes go to a unique temporary name, are synced (`fsync`), renamed over
+    /// the key, and the directory holding it is synced, as is each directory this write created
+    /// (its entry in its parent), so the name survives too.
     async fn put(&self, key: &str, bytes: Vec<u8>) -> Result<(), ArtifactError> {
         let path = self.path(key)?;
-        let io = |source| ArtifactError::Io { key: key.into(), source };
-        if let Some(dir) = path.parent() {
-            tokio::fs::create_dir_all(dir).await.map_err(io)?;
-        }
-        // A unique temporary name per writer, then an atomic rename over the key.
-        let tmp = temporary_path(&path);
-        tokio::fs::write(&tmp, bytes).await.map_err(io)?;
-        tokio::fs::rename(&tmp, &path).await.map_err(io)
+        let owned_key = key.to_string();
+        tokio::task::spawn_blocking(move || {
+            let io = |source| ArtifactError::Io { key: owned_key.clone(), source };
+            let dir = path.parent().ok_or_else(|| ArtifactError::InvalidKey { key: owned_key.clone() })?;
+            // The directories this write creates, innermost first.
+            let mut created = vec![];
+            let mut missing = Some(dir);
+            while let Some(d) = missing.filter(|d| !d.exists()) {
+                created.push(d.to_path_buf());
+                missing = d.parent();
+            }
+            std::fs::create_dir_all(dir).map_err(io)?;
+            let tmp = temporary_path(&path);
+            let mut file = std::fs::File::create(&tmp).map_err(io)?;
+            std::io::Write::write_all(&mut file, &bytes).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            drop(file);
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            let sync_dir = |d: &std::path::Path| std::fs::File::open(d).and_then(|f| f.sync_all());
+            sync_dir(dir).map_err(io)?;
+            for d in &created {
+                if let Some(parent) = d.parent() {
+                    sync_dir(parent).map_err(io)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| ArtifactError::Io { key: key.into(), source: std::io::Error::other(e) })?
     }
 
     async fn get(&self, key: &str) -> Result<Vec<u8>, ArtifactError> {

@@ -170,7 +170,7 @@ async fn a_worker_keeps_its_lease_across_a_scheduler_restart() {
     let (client, leases) = LeaseClient::start(registration(&s.url, 1), stop.clone());
     let gate = Arc::new(tokio::sync::Notify::new());
     let drain = CancellationToken::new();
-    let runner = tokio::spawn(runner::run(client.clone(), leases, Arc::new(Gate(gate.clone())), drain.clone(), Duration::from_secs(5)));
+    let runner = tokio::spawn(runner::run(client.clone(), leases, Arc::new(Gate(gate.clone())), drain.clone(), Duration::from_secs(5), Duration::from_secs(60)));
     submit(&s.url, 3).await;
     wait_for("the lease", || async { round0_status(&pool, 3).await == "leased" }).await;
 
@@ -207,13 +207,69 @@ async fn a_drained_worker_hands_back_what_it_cannot_finish_without_spending_an_a
     let (client, leases) = LeaseClient::start(registration(&s.url, 1), stop.clone());
     let drain = CancellationToken::new();
     let gate = Arc::new(tokio::sync::Notify::new());
-    let runner = tokio::spawn(runner::run(client.clone(), leases, Arc::new(Gate(gate)), drain.clone(), Duration::from_millis(300)));
+    let runner = tokio::spawn(runner::run(client.clone(), leases, Arc::new(Gate(gate)), drain.clone(), Duration::from_millis(300), Duration::from_secs(60)));
     submit(&s.url, 4).await;
     let pool = s.shared.pool.clone();
     wait_for("the lease", || async { round0_status(&pool, 4).await == "leased" }).await;
     drain.cancel();
     tokio::time::timeout(Duration::from_secs(15), runner).await.expect("the drain ends within its grace").unwrap();
     assert_eq!(round0_attempts(&pool, 4).await, ("queued".into(), 0), "handed back: queued again, no attempt spent");
+    stop.cancel();
+}
+
+/// A stage that panics in async code on its first job, hangs on its second, and completes its
+/// third (round-0 witness generation counts).
+struct PanicsThenHangs(std::sync::atomic::AtomicU32);
+
+#[async_trait::async_trait]
+impl Stage for PanicsThenHangs {
+    fn name(&self) -> &'static str {
+        "witness_generation"
+    }
+
+    async fn handle(&self, _lease: &v1::Lease) -> Result<Outcome, JobError> {
+        match self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+            0 => panic!("boom in async code"),
+            1 => std::future::pending().await,
+            _ => Ok(Outcome::Completed(v1::Completed {
+                circuits: [(1, 1), (2, 1), (3, 1)].map(|(circuit_id, count)| v1::CircuitCount { circuit_id, count }).to_vec(),
+                ..Default::default()
+            })),
+        }
+    }
+}
+
+/// Issue 16 rule 1: a stage that panics, or hangs past `--stage-timeout-secs` while its
+/// heartbeats go on, ends in `Failed` (retryable) naming why, and its lease and credit come back:
+/// the worker (capacity 1) takes the job again and finishes it at the third attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_that_panics_or_hangs_is_reported_failed_and_its_credit_returns() {
+    let s = start_scheduler_with(Settings { heartbeat_ms: 100, ..settings() }).await;
+    let stop = CancellationToken::new();
+    let (client, leases) = LeaseClient::start(registration(&s.url, 1), stop.clone());
+    let drain = CancellationToken::new();
+    let stage = Arc::new(PanicsThenHangs(Default::default()));
+    let runner = tokio::spawn(runner::run(client.clone(), leases, stage, drain.clone(), Duration::from_secs(5), Duration::from_millis(500)));
+    submit(&s.url, 6).await;
+    let pool = s.shared.pool.clone();
+    wait_for("the third attempt's success", || async { round0_status(&pool, 6).await == "succeeded" }).await;
+    assert_eq!(round0_attempts(&pool, 6).await.1, 3);
+    let errors: Vec<(String, String)> = sqlx::query_as(
+        "SELECT l.outcome, coalesce(l.error, '') FROM leases l JOIN jobs j ON j.id = l.job_id
+         WHERE j.batch_number = 6 AND j.aggregation_round = 0 AND j.kind = 'witness_generation' ORDER BY l.granted_at",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert_eq!(errors[0].0, "failed");
+    assert!(errors[0].1.contains("panicked: boom in async code"), "{errors:?}");
+    assert_eq!(errors[1].0, "failed");
+    assert!(errors[1].1.contains("hung"), "{errors:?}");
+    assert_eq!(errors[2].0, "succeeded");
+    assert!(client.held().is_empty(), "nothing is held after the reports: {:?}", client.held());
+    drain.cancel();
+    runner.await.unwrap();
     stop.cancel();
 }
 
@@ -285,7 +341,7 @@ async fn heartbeats_keep_leases_alive_while_every_core_is_proving() {
     let (client, leases) = LeaseClient::start(registration(&s.url, 2), stop.clone());
     let stage = Prove { setups, store, key, wv: Arc::new(wv), secs: 8.0 };
     let drain = CancellationToken::new();
-    let runner = tokio::spawn(runner::run(client, leases, Arc::new(stage), drain.clone(), Duration::from_secs(30)));
+    let runner = tokio::spawn(runner::run(client, leases, Arc::new(stage), drain.clone(), Duration::from_secs(30), Duration::from_secs(60)));
     submit(&s.url, 5).await;
     submit(&s.url, 6).await;
     let pool = s.shared.pool.clone();

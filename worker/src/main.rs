@@ -91,6 +91,11 @@ struct Args {
     /// On SIGTERM, how long the jobs held may run before they are handed back, seconds.
     #[arg(long, env = "PROOFMESH_DRAIN_GRACE_SECS", default_value_t = 60.0)]
     drain_grace_secs: f64,
+    /// The longest one job may run in this worker's stage, seconds: past it the job is reported
+    /// failed (retryable) as hung and its lease released. Keep it at or under the scheduler's
+    /// `--max-lease-age-secs` for the kind.
+    #[arg(long, env = "PROOFMESH_STAGE_TIMEOUT_SECS", default_value_t = runner::DEFAULT_STAGE_TIMEOUT_SECS)]
+    stage_timeout_secs: f64,
     /// Provers: the largest witness vector accepted, MiB; a larger push is refused from its
     /// header, before anything is allocated for it.
     #[arg(long, env = "PROOFMESH_MAX_WITNESS_VECTOR_MIB", default_value_t = proofmesh_worker::stream::DEFAULT_MAX_WITNESS_VECTOR_MIB,
@@ -196,7 +201,8 @@ async fn main() -> anyhow::Result<()> {
         Role::WitnessGenerator => Arc::new(wg::WitnessGenerator { artifacts, setups }),
         _ => Arc::new(wvg::WitnessVectorGenerator { artifacts, setups, channels: Mutex::new(HashMap::new()), tls: args.tls.clone(), prover_tls_name: args.prover_tls_name.clone() }),
     };
-    runner::run(client.clone(), leases, stage, drain, grace).await;
+    let stage_timeout = std::time::Duration::from_secs_f64(args.stage_timeout_secs.max(0.001));
+    runner::run(client.clone(), leases, stage, drain, grace, stage_timeout).await;
     stop.cancel();
     refused(&client)
 }

@@ -92,15 +92,26 @@ pub fn record_duration(stage: &'static str, started: std::time::Instant) {
 /// How long a drained worker waits for the scheduler to answer its last reports.
 pub const REPORT_GRACE: Duration = Duration::from_secs(10);
 
+/// Default of `--stage-timeout-secs`: the scheduler's default maximum lease age
+/// (`--max-lease-age-secs`, 1200 s), after which the lease is gone anyway.
+pub const DEFAULT_STAGE_TIMEOUT_SECS: f64 = 1200.0;
+
 /// Runs `stage` on every lease until `drain`, then drains: running jobs get `grace` to finish,
 /// the rest are handed back. Returns when the scheduler has answered every report (or after
 /// [`REPORT_GRACE`] more).
+///
+/// Every job ends in a report, and its lease is released (heartbeats stop, the credit comes
+/// back), whatever the stage does (issue 16 rule 1): a stage that panics, in async code or on
+/// its executor thread, is reported `Failed` (retryable) with the panic's message; one still
+/// running after `stage_timeout` is given up and reported `Failed` (retryable, "hung"): its
+/// future is dropped, though a blocked executor thread cannot be stopped and runs on.
 pub async fn run(
     client: Arc<LeaseClient>,
     mut leases: mpsc::Receiver<v1::Lease>,
     stage: Arc<dyn Stage>,
     drain: CancellationToken,
     grace: Duration,
+    stage_timeout: Duration,
 ) {
     loop {
         let lease = tokio::select! {
@@ -115,7 +126,7 @@ pub async fn run(
                 job.batch_number, job.aggregation_round, job.circuit_id, job.depth, job.sequence_number
             );
             let started = std::time::Instant::now();
-            let outcome = stage.handle(&lease).await;
+            let outcome = guarded(stage.clone(), lease.clone(), stage_timeout).await;
             record_duration(stage.name(), started);
             match outcome {
                 Ok(Outcome::Completed(mut c)) => {
@@ -143,6 +154,33 @@ pub async fn run(
     self::drain(&client, grace).await;
 }
 
+/// Runs `stage` on `lease` in a task of its own, so that a panic or a hang ends in an error
+/// instead of a lease held for ever ([`run`]).
+async fn guarded(stage: Arc<dyn Stage>, lease: v1::Lease, limit: Duration) -> Result<Outcome, JobError> {
+    let name = stage.name();
+    let mut task = tokio::spawn(async move { stage.handle(&lease).await });
+    match tokio::time::timeout(limit, &mut task).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) if e.is_panic() => Err(JobError::retry(format!("the {name} stage panicked: {}", panic_text(e.into_panic())))),
+        Ok(Err(e)) => Err(JobError::retry(format!("the {name} stage was cancelled: {e}"))),
+        Err(_) => {
+            task.abort();
+            Err(JobError::retry(format!(
+                "the {name} stage hung: still running after --stage-timeout-secs ({:.0} s), given up",
+                limit.as_secs_f64()
+            )))
+        }
+    }
+}
+
+/// A panic's message (`panic!` with a literal or a formatted string), or a placeholder.
+fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(payload) => payload.downcast_ref::<&str>().map_or_else(|| "(no message)".to_string(), |s| s.to_string()),
+    }
+}
+
 /// The end of a drain, for every role: waits up to `grace` for the jobs held to finish, hands
 /// back the rest and waits for the scheduler to answer every report. Call after
 /// [`LeaseClient::drain`].
@@ -168,6 +206,9 @@ pub async fn execute<T: Send + 'static>(
 ) -> Result<(T, f64), JobError> {
     let (out, secs) = tokio::task::spawn_blocking(|| crate::cpu::measured(f))
         .await
-        .map_err(|e| JobError::retry(format!("executor panicked: {e}")))?;
+        .map_err(|e| match e.try_into_panic() {
+            Ok(payload) => JobError::retry(format!("executor panicked: {}", panic_text(payload))),
+            Err(e) => JobError::retry(format!("executor cancelled: {e}")),
+        })?;
     out.map(|o| (o, secs))
 }
