@@ -365,7 +365,7 @@ impl AdminService {
                 host: c.host.clone(),
                 capacity: c.capacity,
                 credits: c.credits,
-                slots_used: c.slots_used,
+                slots_used: c.busy(),
                 leases_held: 0,
                 last_heartbeat_unix_ms: 0,
                 draining: c.draining || c.drained,

@@ -36,7 +36,9 @@ pub const MAX_LEASES_PER_COMMIT: usize = 64;
 pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut classes: Vec<QueuedClass> = vec![];
     loop {
-        if let Err(e) = dispatch_all(&shared, &mut classes).await {
+        let passes = tokio::time::timeout(crate::DB_PASS_DEADLINE, dispatch_all(&shared, &mut classes));
+        let result = passes.await.unwrap_or_else(|_| Err(db::DbError::pass_timed_out()));
+        if let Err(e) = result {
             tracing::error!("dispatch: {e}");
             // A database error: try again on the next wake-up (or shortly, so nothing stalls).
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;

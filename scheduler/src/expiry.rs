@@ -33,7 +33,10 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
             let current = shared.registry().ids();
             predecessor_ended = db::end_old_connections(&shared.pool, &current).await.is_ok();
         }
-        let wait = match after_outage(&shared).await.and(expire_due(&shared).await).and(db::next_deadline_secs(&shared.pool).await) {
+        // Never longer than the deadline of one pass: a dead connection must not stop expiry.
+        let pass = async { after_outage(&shared).await.and(expire_due(&shared).await).and(db::next_deadline_secs(&shared.pool).await) };
+        let result = tokio::time::timeout(crate::DB_PASS_DEADLINE, pass).await.unwrap_or_else(|_| Err(DbError::pass_timed_out()));
+        let wait = match result {
             Ok(Some(secs)) => Duration::from_secs_f64(secs.max(0.0)) + Duration::from_millis(5),
             Ok(None) => IDLE,
             Err(e) => {

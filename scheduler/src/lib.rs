@@ -59,12 +59,36 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateEr
     Ok(())
 }
 
-/// The options the scheduler connects to PostgreSQL at `url` with: every transaction READ
-/// COMMITTED whatever the server's or role's default, because the job state's rules rely on it
-/// (an `UPDATE` that waited for a row re-evaluates on its newest version: the readiness counter,
-/// the claim of a result). Errors: `url` is not a PostgreSQL URL.
+/// The longest one statement of the scheduler may run, and a transaction sit idle, in PostgreSQL
+/// (`statement_timeout`, `idle_in_transaction_session_timeout`), seconds. The dispatcher and the
+/// lease expiry give a whole pass a little longer ([`DB_PASS_DEADLINE`]).
+pub const STATEMENT_TIMEOUT_SECS: u64 = 60;
+
+/// How long the dispatcher or the lease expiry waits for one pass over PostgreSQL before giving
+/// it up and trying again: a connection to a server that vanished without a reset (a partition)
+/// must not hang either for ever (issue 16 rule 7).
+pub const DB_PASS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(STATEMENT_TIMEOUT_SECS + 5);
+
+/// The options the scheduler connects to PostgreSQL at `url` with:
+/// - every transaction READ COMMITTED whatever the server's or role's default, because the job
+///   state's rules rely on it (an `UPDATE` that waited for a row re-evaluates on its newest
+///   version: the readiness counter, the claim of a result);
+/// - a statement timeout and an idle-in-transaction timeout of [`STATEMENT_TIMEOUT_SECS`], so
+///   no statement or abandoned transaction holds rows for longer;
+/// - TCP keepalives on the server's side of each connection (30 s idle, then every 10 s, 3
+///   probes), so the server drops the connections of a scheduler that vanished.
+///
+/// Errors: `url` is not a PostgreSQL URL.
 pub fn connect_options(url: &str) -> Result<sqlx::postgres::PgConnectOptions, sqlx::Error> {
-    Ok(url.parse::<sqlx::postgres::PgConnectOptions>()?.options([("default_transaction_isolation", "read committed")]))
+    let timeout = format!("{}s", STATEMENT_TIMEOUT_SECS);
+    Ok(url.parse::<sqlx::postgres::PgConnectOptions>()?.options([
+        ("default_transaction_isolation", "read committed"),
+        ("statement_timeout", timeout.as_str()),
+        ("idle_in_transaction_session_timeout", timeout.as_str()),
+        ("tcp_keepalives_idle", "30"),
+        ("tcp_keepalives_interval", "10"),
+        ("tcp_keepalives_count", "3"),
+    ]))
 }
 
 /// Serves `Scheduler`, `Batches`, `Admin`, reflection and health on `listener` and runs the

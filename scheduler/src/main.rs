@@ -148,13 +148,22 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .or_else(|| std::env::var("DATABASE_URL").ok())
         .context("no database: pass --database-url or set PROOFMESH_DATABASE_URL / DATABASE_URL")?;
+    let options = proofmesh_scheduler::connect_options(&url).context("the database URL")?;
+    // Migrations on a connection of their own, without the statement timeout: building an index
+    // over a large job history may take longer than any statement of the running scheduler.
+    let migrations = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options.clone().options([("statement_timeout", "0")]))
+        .await
+        .context("connecting to PostgreSQL")?;
+    proofmesh_scheduler::migrate(&migrations).await.context("applying migrations")?;
+    migrations.close().await;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(args.database_connections)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_with(proofmesh_scheduler::connect_options(&url).context("the database URL")?)
+        .connect_with(options)
         .await
         .context("connecting to PostgreSQL")?;
-    proofmesh_scheduler::migrate(&pool).await.context("applying migrations")?;
     anyhow::ensure!(args.lease_timeout_secs > 0.0, "--lease-timeout-secs must be positive");
     anyhow::ensure!(
         args.heartbeat_interval_ms > 0 && f64::from(args.heartbeat_interval_ms) / 1000.0 < args.lease_timeout_secs,

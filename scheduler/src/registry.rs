@@ -45,6 +45,9 @@ pub struct Conn {
     pub credits: u32,
     /// Provers: slots held by WVG leases.
     pub slots_used: u32,
+    /// Provers: slots it said are proving in its last heartbeat (`Heartbeat.busy_slots`), less
+    /// those its reports freed since. Matching counts the larger of the two ([`Conn::busy`]).
+    pub reported_busy: u32,
     /// It sent `Drain`: no more leases, no more witness vectors.
     pub draining: bool,
     /// An operator drained its name (`Admin.DrainWorker`, kept in `drained_workers` until
@@ -62,6 +65,13 @@ impl Conn {
     /// Whether it may be given work: neither it nor an operator drained it.
     pub fn takes_work(&self) -> bool {
         !self.draining && !self.drained
+    }
+
+    /// Provers: slots taken, as far as the scheduler knows: the larger of those its WVG leases
+    /// hold and those the prover last said are proving (a witness vector whose lease ended
+    /// still holds the CPU; a lease matched before a restart is not in the registry).
+    pub fn busy(&self) -> u32 {
+        self.slots_used.max(self.reported_busy)
     }
 }
 
@@ -172,14 +182,14 @@ impl Registry {
             versions && crate::groups::intersect(&wvg.pairs, &p.pairs).is_some()
         };
         let mut ranked: Vec<(u8, u32, &str)> = vec![];
-        for p in self.workers.values().filter(|p| p.role == Role::Prover && p.slots_used < p.capacity && p.takes_work() && !p.quarantined && fits(p)) {
+        for p in self.workers.values().filter(|p| p.role == Role::Prover && p.busy() < p.capacity && p.takes_work() && !p.quarantined && fits(p)) {
             let locality = match (p.zone == wvg.zone, p.host == wvg.host) {
                 (true, true) => 0,
                 (true, false) => 1,
                 (false, _) if policy == ZonePolicy::CrossZoneWhenNoneFree => 2,
                 _ => continue,
             };
-            ranked.push((locality, u32::MAX - (p.capacity - p.slots_used), p.id.as_str()));
+            ranked.push((locality, u32::MAX - (p.capacity - p.busy()), p.id.as_str()));
         }
         ranked.sort_unstable();
         ranked.into_iter().map(|(_, _, id)| id.to_string()).collect()
@@ -256,6 +266,7 @@ mod tests {
             loaded_setups: vec![],
             credits: 1,
             slots_used: 0,
+            reported_busy: 0,
             draining: false,
             drained: false,
             identity: None,

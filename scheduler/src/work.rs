@@ -162,6 +162,7 @@ impl v1::scheduler_server::Scheduler for WorkService {
             loaded_setups: crate::groups::pack_all(&reg.loaded_setups),
             credits: 0,
             slots_used: 0,
+            reported_busy: 0,
             draining: false,
             drained,
             identity: identity.clone(),
@@ -257,8 +258,17 @@ async fn serve_worker(
                 shared.wake_for_capacity();
             }
             Some(worker_message::Msg::Heartbeat(h)) => {
+                let mut freed = false;
                 if let Some(conn) = shared.registry().get_mut(id) {
                     conn.loaded_setups = crate::groups::pack_all(&h.loaded_setups);
+                    if let Some(busy) = h.busy_slots.filter(|_| conn.role == Role::Prover) {
+                        let busy = busy.min(conn.capacity);
+                        freed = busy < conn.reported_busy;
+                        conn.reported_busy = busy;
+                    }
+                }
+                if freed {
+                    shared.wake_for_capacity();
                 }
                 shared.heard_from(id);
                 // A missed renewal is made good by the next heartbeat, well before the deadline.
@@ -274,6 +284,7 @@ async fn serve_worker(
                 tracing::info!(worker = %id, "draining: no more leases or witness vectors");
             }
             Some(worker_message::Msg::Completed(c)) => {
+                prover_slot_freed(shared, id);
                 let lease = c.lease_id.clone();
                 match completed(shared, id, identity, c, outbox).await {
                     Ok(()) => {}
@@ -282,6 +293,7 @@ async fn serve_worker(
                 }
             }
             Some(worker_message::Msg::Failed(mut f)) => {
+                prover_slot_freed(shared, id);
                 f.error = db::storable_text(&f.error).into_owned();
                 let lease = f.lease_id.clone();
                 match failed(shared, id, identity, f, outbox).await {
@@ -294,6 +306,14 @@ async fn serve_worker(
                 refuse(outbox, "", "unexpected message (Register is only the first message)").await;
             }
         }
+    }
+}
+
+/// A prover's report ends a proving: one of the slots it last said were busy is free now
+/// (before its next heartbeat says so).
+fn prover_slot_freed(shared: &Shared, id: &str) {
+    if let Some(conn) = shared.registry().get_mut(id).filter(|c| c.role == Role::Prover) {
+        conn.reported_busy = conn.reported_busy.saturating_sub(1);
     }
 }
 

@@ -204,6 +204,34 @@ async fn a_strike_for_a_late_result_lands_on_whoever_handed_it_in() {
     assert_eq!(quarantined, [("liar".to_string(), Some("CN=liar".to_string()))]);
 }
 
+/// Issue 16 rules 7 and 8: the scheduler's own connections run READ COMMITTED (the readiness
+/// rule needs it) and bounded (a statement and an idle transaction time out, the server probes the
+/// connection), whatever the database's defaults say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schedulers_connections_are_read_committed_and_bounded_whatever_the_database_says() {
+    let (pool, url) = fresh_database().await;
+    let name = url.rsplit_once('/').unwrap().1.to_string();
+    for setting in ["default_transaction_isolation = 'serializable'", "statement_timeout = 0", "idle_in_transaction_session_timeout = 0"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("ALTER DATABASE {name} SET {setting}"))).execute(&pool).await.unwrap();
+    }
+    let options = proofmesh_scheduler::connect_options(&url).unwrap();
+    let scheduler = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+    let (isolation, statement, idle, keepalive): (String, String, String, String) = sqlx::query_as(
+        "SELECT current_setting('transaction_isolation'), current_setting('statement_timeout'),
+                current_setting('idle_in_transaction_session_timeout'), current_setting('tcp_keepalives_idle')",
+    )
+    .fetch_one(&scheduler)
+    .await
+    .unwrap();
+    assert_eq!((isolation.as_str(), statement.as_str(), idle.as_str()), ("read committed", "1min", "1min"));
+    // Over a Unix socket PostgreSQL reports 0 for TCP settings; the tests connect over TCP.
+    assert_eq!(keepalive, "30", "server-side TCP keepalives");
+    // Another client of the same database still gets the database's defaults.
+    let other = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+    let isolation: String = sqlx::query_scalar("SELECT current_setting('transaction_isolation')").fetch_one(&other).await.unwrap();
+    assert_eq!(isolation, "serializable");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graph_of_twelve_thousand_basic_circuits_is_inserted_whole() {
     let (pool, _) = fresh_database().await;

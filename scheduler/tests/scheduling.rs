@@ -1,7 +1,7 @@
 //! Scheduling policy against a real PostgreSQL over real gRPC (docs/scheduling.md): prover
 //! groups, protocol versions (two fleets through an upgrade), order and ageing, setup-data
-//! affinity, memory budgets, a long mixed run without starvation, and a batch proven only on a
-//! final proof verified against it.
+//! affinity, memory budgets, a long mixed run without starvation, prover slots as the provers
+//! report them, and a batch proven only on a final proof verified against it.
 
 mod common;
 
@@ -349,11 +349,22 @@ async fn a_batch_is_proven_only_on_a_final_proof_verified_against_it() {
         other => panic!("expected Refused, got {other:?}"),
     }
     assert_eq!(get_batch(&s.url, 1).await.state, v1::BatchState::Proving as i32, "not proven on an unverified final proof");
-    let (outcome, error): (String, String) = sqlx::query_as("SELECT outcome, coalesce(error, '') FROM leases WHERE lease_id = $1")
-        .bind(uuid::Uuid::parse_str(&first.lease_id).unwrap())
-        .fetch_one(&s.shared.pool)
-        .await
-        .unwrap();
+    // The lease ends just after the refusal is sent.
+    let ended = || async {
+        sqlx::query_as::<_, (Option<String>, String)>("SELECT outcome, coalesce(error, '') FROM leases WHERE lease_id = $1")
+            .bind(uuid::Uuid::parse_str(&first.lease_id).unwrap())
+            .fetch_one(&s.shared.pool)
+            .await
+            .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let (outcome, error) = loop {
+        match ended().await {
+            (Some(outcome), error) => break (outcome, error),
+            (None, _) => assert!(tokio::time::Instant::now() < deadline, "the refused completion's lease never ended"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(outcome, "failed");
     assert!(error.contains("verified against the batch"), "{error}");
     // The job is leased again (one attempt of three spent), and a verified completion proves it.
@@ -590,6 +601,29 @@ async fn matched_prover(near: v1::Register, far: v1::Register, job_version: v1::
     let lease = wvg.lease().await;
     assert_eq!(lease.job.as_ref().map(|j| (j.aggregation_round, j.circuit_id)), Some((0, circuit)));
     (lease.prover_worker_id, near.id.clone(), far.id.clone())
+}
+
+/// Issue 16 rule 6: prover slots are what the provers say. A prover whose heartbeat says its one
+/// slot is proving (a witness vector whose lease the scheduler no longer counts: its WVG failed
+/// it after the push, or it was matched before a restart) is matched with no WVG; once a
+/// heartbeat says the slot is free, the queued job is leased at once, matched with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prover_that_says_its_slots_are_busy_is_matched_with_no_wvg_until_one_is_free() {
+    let s = start_scheduler_with(settings()).await;
+    let prover = RawWorker::connect(&s.url, register(Role::Prover, "a", "h1", 1, "http://prover:1")).await;
+    prover.heartbeat_busy(1);
+    let mut wg = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h2", 1, "")).await;
+    wg.credit(1);
+    assert!(submit(&s.url, 1).await);
+    let l = wg.lease().await;
+    wg.complete(&l.lease_id, &[(1, 1)]);
+    wg.expect_recorded(&l.lease_id).await;
+    let mut wvg = RawWorker::connect(&s.url, register(Role::Wvg, "a", "h1", 1, "")).await;
+    wvg.credit(1);
+    assert!(wvg.next(Duration::from_millis(700)).await.is_none(), "matched with a prover whose every slot is busy");
+    prover.heartbeat_busy(0);
+    let lease = wvg.lease().await;
+    assert_eq!(lease.prover_worker_id, prover.id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,6 +90,9 @@ pub struct LeaseClient {
     refusal: Mutex<Option<String>>,
     /// Circuits whose setup data is loaded (sent with every heartbeat and `Register`).
     loaded_setups: Mutex<Vec<v1::CircuitPair>>,
+    /// Provers: how many slots are proving now (`Heartbeat.busy_slots`).
+    /// (its capacity, its free slots).
+    busy_slots: std::sync::OnceLock<(u32, Arc<tokio::sync::Semaphore>)>,
     /// Provers, TLS on: the WVG identity each announced witness vector may come from
     /// (`ExpectWitnessVector`), by lease id, with when it was announced.
     expected: Mutex<BTreeMap<String, (String, Instant)>>,
@@ -119,6 +122,7 @@ impl LeaseClient {
             refused: CancellationToken::new(),
             refusal: Mutex::new(None),
             loaded_setups: Mutex::default(),
+            busy_slots: std::sync::OnceLock::new(),
             expected: Mutex::default(),
             announced: Notify::new(),
         });
@@ -208,10 +212,18 @@ impl LeaseClient {
         }
     }
 
-    /// A heartbeat renewing `lease_ids`, with the setups loaded now.
+    /// Provers: every heartbeat from now on says how many of its `capacity` slots are proving:
+    /// those not free in `free` (one permit per free slot; `Heartbeat.busy_slots`). Set once; a
+    /// second call changes nothing.
+    pub fn report_busy_slots(&self, capacity: u32, free: Arc<tokio::sync::Semaphore>) {
+        let _ = self.busy_slots.set((capacity, free));
+    }
+
+    /// A heartbeat renewing `lease_ids`, with the setups loaded now (and a prover's busy slots).
     fn heartbeat(&self, lease_ids: Vec<String>) -> v1::WorkerMessage {
         let loaded_setups = self.loaded_setups.lock().expect("poisoned").clone();
-        msg(worker_message::Msg::Heartbeat(v1::Heartbeat { lease_ids, loaded_setups }))
+        let busy_slots = self.busy_slots.get().map(|(capacity, free)| capacity.saturating_sub(free.available_permits() as u32));
+        msg(worker_message::Msg::Heartbeat(v1::Heartbeat { lease_ids, loaded_setups, busy_slots }))
     }
 
     /// Stops renewing `lease` (its report is queued, or it was handed to a prover).
@@ -338,6 +350,12 @@ impl LeaseClient {
             .endpoint(&self.reg.scheduler)?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
+            // A scheduler that vanished without a reset (a partition, a lost node) is noticed
+            // within about 30 s, and the worker reconnects (issue 16 rule 7).
+            .tcp_keepalive(Some(Duration::from_secs(30)))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
             .connect()
             .await?;
         let mut client = SchedulerClient::new(channel);

@@ -165,8 +165,10 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("prover serving on {addr}, advertised as {}", reg.prover_endpoint);
         let (client, _no_leases) = LeaseClient::start(reg, stop.clone());
         report_loaded_setups(&setups, &client);
+        let slots = Arc::new(Semaphore::new(args.capacity as usize));
+        client.report_busy_slots(args.capacity, slots.clone());
         let service = ProverService {
-            slots: Arc::new(Semaphore::new(args.capacity as usize)),
+            slots,
             artifacts,
             setups,
             client: client.clone(),

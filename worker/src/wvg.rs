@@ -74,11 +74,12 @@ impl Stage for WitnessVectorGenerator {
         push(channel, header, wv).await.map_err(|s| {
             let message = format!("streaming to prover {}: {}", lease.prover_endpoint, s.message());
             match s.code() {
-                // The prover is draining (the scheduler matches no more WVGs with it): not the
-                // job's failure; it is matched to another prover without spending an attempt.
-                // Anything else (no free slot, unreachable, stream dropped) spends one, so a
-                // misconfigured endpoint fails its batches with this message instead of looping.
-                tonic::Code::FailedPrecondition => JobError::hand_back(message),
+                // The prover is draining (the scheduler matches no more WVGs with it), or all its
+                // slots are busy (the scheduler's count had drifted: its next heartbeat corrects
+                // it, issue 16 rule 6): not the job's failure; it is matched again without
+                // spending an attempt. Anything else (unreachable, stream dropped) spends one, so
+                // a misconfigured endpoint fails its batches with this message instead of looping.
+                tonic::Code::FailedPrecondition | tonic::Code::ResourceExhausted => JobError::hand_back(message),
                 _ => JobError::retry(message),
             }
         })?;

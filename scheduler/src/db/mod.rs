@@ -52,6 +52,13 @@ pub enum DbError {
 }
 
 impl DbError {
+    /// A pass over PostgreSQL that took longer than [`crate::DB_PASS_DEADLINE`] and was given up
+    /// (a transient error: the pass is tried again).
+    pub fn pass_timed_out() -> DbError {
+        let message = format!("no answer from PostgreSQL within {:?}: the pass is given up and tried again", crate::DB_PASS_DEADLINE);
+        DbError::Sql(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, message)))
+    }
+
     /// Whether trying again cannot help: the statement failed on its data (SQLSTATE class 22,
     /// data exception, or 23, integrity constraint violation; PostgreSQL's appendix A), or the
     /// job state refused it. A report that fails so is answered `Refused` (issue 16 rule 8), not

@@ -173,12 +173,18 @@ impl RawWorker {
     /// Heartbeats `leases`.
     pub fn heartbeat(&self, leases: &[&str]) {
         let lease_ids = leases.iter().map(|l| l.to_string()).collect();
-        self.tx.send(msg(worker_message::Msg::Heartbeat(v1::Heartbeat { lease_ids, loaded_setups: vec![] }))).unwrap();
+        self.tx.send(msg(worker_message::Msg::Heartbeat(v1::Heartbeat { lease_ids, loaded_setups: vec![], busy_slots: None }))).unwrap();
     }
 
     /// A heartbeat renewing nothing, reporting `loaded` setups.
     pub fn heartbeat_with_setups(&self, loaded: &[v1::CircuitPair]) {
-        let h = v1::Heartbeat { lease_ids: vec![], loaded_setups: loaded.to_vec() };
+        let h = v1::Heartbeat { lease_ids: vec![], loaded_setups: loaded.to_vec(), busy_slots: None };
+        self.tx.send(msg(worker_message::Msg::Heartbeat(h))).unwrap();
+    }
+
+    /// A prover's heartbeat renewing nothing, saying `busy` of its slots are proving.
+    pub fn heartbeat_busy(&self, busy: u32) {
+        let h = v1::Heartbeat { lease_ids: vec![], loaded_setups: vec![], busy_slots: Some(busy) };
         self.tx.send(msg(worker_message::Msg::Heartbeat(h))).unwrap();
     }
 
