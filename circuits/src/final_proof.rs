@@ -141,10 +141,12 @@ pub fn parse_header(bytes: &[u8]) -> Result<(ProtocolVersion, Geometry), VerifyE
 
 /// Verifies a final proof file against a batch file. `setup_root` caches verifier data (built on
 /// first use for the proof's version and geometry). Returns the batch's public data on success.
+/// The header and the batch file are checked before any setup data is loaded or built.
 pub fn verify(proof_bytes: &[u8], batch_bytes: &[u8], setup_root: &Path) -> Result<PublicData, VerifyError> {
     let (version, geometry) = parse_header(proof_bytes)?;
+    let (batch, expected) = batch_of(version, &geometry, batch_bytes)?;
     let store = SetupStore::new(setup_root, version, geometry).map_err(|e| VerifyError::Setup(e.to_string()))?;
-    verify_in(&store, version, proof_bytes, batch_bytes)
+    verify_batch(&store, &batch, expected, proof_bytes)
 }
 
 /// [`verify`] with the setup data already open: the compressor checks the final proof it made
@@ -158,6 +160,13 @@ pub fn verify_in(store: &SetupStore, version: ProtocolVersion, proof_bytes: &[u8
             store.geometry()
         )));
     }
+    let (batch, expected) = batch_of(version, &geometry, batch_bytes)?;
+    verify_batch(store, &batch, expected, proof_bytes)
+}
+
+/// The batch file, parsed, checked against the proof header's version and geometry, and
+/// replayed: its public data.
+fn batch_of(version: ProtocolVersion, geometry: &Geometry, batch_bytes: &[u8]) -> Result<(Batch, PublicData), VerifyError> {
     let batch = Batch::from_bytes(batch_bytes)?;
     if batch.protocol_version != version {
         return Err(VerifyError::Format(format!(
@@ -172,6 +181,12 @@ pub fn verify_in(store: &SetupStore, version: ProtocolVersion, proof_bytes: &[u8
         )));
     }
     let expected = PublicData::from_replay(&batch, &replay(&batch)?);
+    Ok((batch, expected))
+}
+
+/// The proof body checked against `batch`'s replayed public data `expected`, with `store`'s
+/// verifier data.
+fn verify_batch(store: &SetupStore, batch: &Batch, expected: PublicData, proof_bytes: &[u8]) -> Result<PublicData, VerifyError> {
     let vd = store.verifier(CircuitKey::Compression).map_err(|e| VerifyError::Setup(format!("{e:#}")))?;
     let proof = catch_panic(|| {
         CompressedProofWithPublicInputs::<F, C, D>::from_bytes(proof_bytes[HEADER_LEN..].to_vec(), &vd.common)
