@@ -37,10 +37,12 @@ test:
 	scripts/chart-test.sh
 	PATH="$(CURDIR)/.venv/bin:$$PATH" scripts/with-postgres.sh $(CARGO) test --workspace
 	SETUP_DIR=target/tmp/setup-cache scripts/scripts-test.sh
+	$(CARGO) build -p proofmesh-proto --features test-ca --bin proofmesh-dev-ca
 	SETUP_DIR=target/tmp/setup-cache scripts/chaos.sh --short
 
 chaos:
 	$(CARGO) build --workspace --bins
+	$(CARGO) build -p proofmesh-proto --features test-ca --bin proofmesh-dev-ca
 	SETUP_DIR=$(SETUP_DIR) scripts/chaos.sh
 
 demo:

@@ -66,6 +66,12 @@ pub trait ArtifactStore: Send + Sync + std::fmt::Debug {
 }
 
 /// An artifact store in a local directory: key `a/b/c` is the file `<root>/a/b/c`.
+///
+/// Each file is the artifact behind a 36-byte header: [`LOCAL_MAGIC`] (4 bytes), then the
+/// SHA-256 of the artifact (32 bytes). A read recomputes it and refuses a mismatch, a short
+/// file or a file without the header (written by something else) with
+/// [`ArtifactError::Corrupt`], as the S3 store does with its checksum metadata (issue 16 rule 2:
+/// a damaged artifact is a lost one, never a bad input to a proof).
 #[derive(Debug, Clone)]
 pub struct LocalStore {
     root: PathBuf,
@@ -86,6 +92,41 @@ impl LocalStore {
         check_key(key)?;
         Ok(self.root.join(key))
     }
+}
+
+/// The first bytes of every file [`LocalStore`] writes (format version 1).
+pub const LOCAL_MAGIC: [u8; 4] = *b"PMA1";
+
+/// The header length of a [`LocalStore`] file: magic, then the SHA-256 of the artifact.
+const LOCAL_HEADER: usize = 4 + 32;
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The artifact in a [`LocalStore`] file's bytes, its checksum checked. Errors:
+/// [`ArtifactError::Corrupt`] (no header, or the artifact does not match it).
+fn unwrap_local(key: &str, mut file: Vec<u8>) -> Result<Vec<u8>, ArtifactError> {
+    let corrupt = |expected: String, body: &[u8]| ArtifactError::Corrupt {
+        key: key.into(),
+        expected,
+        actual: hex(&sha256(body)),
+        len: body.len(),
+    };
+    if file.len() < LOCAL_HEADER || file[..4] != LOCAL_MAGIC {
+        return Err(corrupt("(no header: not written by this store)".into(), &file));
+    }
+    let expected: [u8; 32] = file[4..LOCAL_HEADER].try_into().expect("32 bytes");
+    if sha256(&file[LOCAL_HEADER..]) != expected {
+        return Err(corrupt(hex(&expected), &file[LOCAL_HEADER..]));
+    }
+    file.drain(..LOCAL_HEADER);
+    Ok(file)
 }
 
 /// Checks that `key` is a relative path of non-empty `[A-Za-z0-9._-]` segments, none `.` or
@@ -128,6 +169,8 @@ impl ArtifactStore for LocalStore {
             std::fs::create_dir_all(dir).map_err(io)?;
             let tmp = temporary_path(&path);
             let mut file = std::fs::File::create(&tmp).map_err(io)?;
+            std::io::Write::write_all(&mut file, &LOCAL_MAGIC).map_err(io)?;
+            std::io::Write::write_all(&mut file, &sha256(&bytes)).map_err(io)?;
             std::io::Write::write_all(&mut file, &bytes).map_err(io)?;
             file.sync_all().map_err(io)?;
             drop(file);
@@ -147,13 +190,14 @@ impl ArtifactStore for LocalStore {
 
     async fn get(&self, key: &str) -> Result<Vec<u8>, ArtifactError> {
         let path = self.path(key)?;
-        tokio::fs::read(&path).await.map_err(|source| {
+        let file = tokio::fs::read(&path).await.map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
                 ArtifactError::NotFound { key: key.into() }
             } else {
                 ArtifactError::Io { key: key.into(), source }
             }
-        })
+        })?;
+        unwrap_local(key, file)
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<u64, ArtifactError> {
@@ -257,6 +301,29 @@ mod tests {
         assert_eq!(store.get(&keys::batch_input(two)).await.unwrap(), b"b2");
         assert_eq!(store.delete_prefix(&keys::batch_prefix(one)).await.unwrap(), 0, "nothing left is not an error");
         assert!(matches!(store.delete_prefix("../x").await, Err(ArtifactError::InvalidKey { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_damaged_or_foreign_file_is_refused_as_corrupt_and_a_good_one_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        let bytes = b"a proof of some length".to_vec();
+        store.put("p", bytes.clone()).await.unwrap();
+        assert_eq!(store.get("p").await.unwrap(), bytes);
+        let file = dir.path().join("p");
+        let stored = std::fs::read(&file).unwrap();
+        assert_eq!(stored.len(), bytes.len() + LOCAL_HEADER);
+        // One bit flipped in the artifact, the file truncated, a file written by something else.
+        let mut flipped = stored.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        let truncated = stored[..stored.len() - 3].to_vec();
+        for (what, damaged) in [("flipped", flipped), ("truncated", truncated), ("foreign", bytes.clone()), ("empty", vec![])] {
+            std::fs::write(&file, &damaged).unwrap();
+            match store.get("p").await {
+                Err(ArtifactError::Corrupt { key, .. }) => assert_eq!(key, "p", "{what}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
     }
 
     #[tokio::test]

@@ -3,9 +3,9 @@
 //! lease past its deadline. A job whose lease expired is queued again with one more attempt, or
 //! fails with its batch past `max_attempts` (DESIGN.md section 4). Deadlines live in PostgreSQL,
 //! so a restarted scheduler expires what its predecessor leased, but not before every lease has
-//! had the reconnect grace: after the scheduler starts, and after PostgreSQL could not be reached,
-//! the first thing the timer does is move every deadline to at least now + the grace
-//! (`db::outage_grace`), so an outage of the cluster costs no attempt. When PostgreSQL first
+//! had a full lease timeout (or the reconnect grace, if longer): after the scheduler starts, and
+//! after PostgreSQL could not be reached, the first thing the timer does is move every deadline
+//! to at least now + that (`db::outage_grace`), so an outage of the cluster costs no attempt. When PostgreSQL first
 //! answers, it also marks its predecessor's connections ended (`db::end_old_connections`).
 
 use std::sync::atomic::Ordering;
@@ -54,17 +54,21 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
 }
 
 /// After an outage ([`Shared::outage`]: this scheduler just started, or PostgreSQL did not
-/// answer a renewal or this timer), gives every lease the reconnect grace before anything
-/// expires: the workers were heartbeating into a scheduler or a database that was not there.
+/// answer a renewal or this timer), gives every lease a lease timeout (at least the reconnect
+/// grace) before anything expires: the workers were heartbeating into a scheduler or a database that was not there.
 /// The flag is cleared only once the grace is written (the caller sets it again on any error).
 async fn after_outage(shared: &Shared) -> Result<(), DbError> {
     if !shared.outage.swap(false, Ordering::SeqCst) {
         return Ok(());
     }
-    // On an error the caller sets the flag again.
-    let n = db::outage_grace(&shared.pool, shared.settings.reconnect_grace_secs).await?;
+    // A full lease timeout (or the reconnect grace, if longer): the workers come back on their
+    // reconnect backoff (up to 5 s, jittered), which a short grace would not wait for
+    // (`make chaos --short`, 2 s of grace, spent attempts so). On an error the caller sets the
+    // flag again.
+    let grace = shared.settings.reconnect_grace_secs.max(shared.settings.lease_secs);
+    let n = db::outage_grace(&shared.pool, grace).await?;
     if n > 0 {
-        tracing::info!(leases = n, "after an outage, every lease has {:.0} s to be renewed before it can expire", shared.settings.reconnect_grace_secs);
+        tracing::info!(leases = n, "after an outage, every lease has {grace:.0} s to be renewed before it can expire");
     }
     Ok(())
 }

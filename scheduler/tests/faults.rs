@@ -575,7 +575,11 @@ async fn a_lost_input_proof_is_proven_again_and_its_consumer_waits_without_spend
     .fetch_all(&s.shared.pool)
     .await
     .unwrap();
-    assert_eq!(jobs, vec![(0, "queued".into(), 1), (1, "waiting".into(), 0)], "the basic proof is made again; the leaf waits, no attempt spent");
+    assert_eq!(
+        jobs,
+        vec![(0, "queued".into(), 0), (1, "waiting".into(), 0)],
+        "the basic proof is made again on the store's account; the leaf waits; neither spends an attempt"
+    );
     let strikes: i64 = sqlx::query_scalar("SELECT count(*) FROM strikes").fetch_one(&s.shared.pool).await.unwrap();
     assert_eq!(strikes, 0, "storage is not a prover");
 
@@ -591,4 +595,11 @@ async fn a_lost_input_proof_is_proven_again_and_its_consumer_waits_without_spend
     wg.complete(&leaf2.lease_id, &[]);
     wg.expect_recorded(&leaf2.lease_id).await;
     assert_ne!(get_batch(&s.url, 10).await.state, v1::BatchState::Failed as i32);
+    let attempts: Vec<i32> = sqlx::query_scalar(
+        "SELECT attempts FROM jobs WHERE batch_number = 10 AND aggregation_round <= 1 AND status = 'succeeded' ORDER BY id",
+    )
+    .fetch_all(&s.shared.pool)
+    .await
+    .unwrap();
+    assert!(attempts.len() >= 3 && attempts.iter().all(|&a| a == 1), "one attempt each, the loss charged to none: {attempts:?}");
 }

@@ -20,7 +20,10 @@ pub struct WitnessGenerator {
     pub setups: Arc<Setups>,
 }
 
-/// Reads every key in order. Errors: [`JobError::lost_inputs`] naming every key the store does not have (lost after its job succeeded: the scheduler has it made again); any other store error is retryable (a hiccup), not the input's fault.
+/// Reads every key in order. Errors: [`JobError::lost_inputs`] naming every key the store does
+/// not have, or holds damaged (its checksum does not match: [`proofmesh_core::ArtifactError::Corrupt`]),
+/// lost after its job succeeded: the scheduler has it made again; any other store error is
+/// retryable (a hiccup), not the input's fault.
 pub async fn read_all(artifacts: &dyn ArtifactStore, keys: &[String]) -> Result<Vec<Vec<u8>>, JobError> {
     let mut out = Vec::with_capacity(keys.len());
     let mut lost = vec![];
@@ -29,12 +32,14 @@ pub async fn read_all(artifacts: &dyn ArtifactStore, keys: &[String]) -> Result<
             Ok(bytes) => out.push(bytes),
             // Every input is read, so one report names all that are gone.
             Err(proofmesh_core::ArtifactError::NotFound { key }) => lost.push((i as u32, key)),
+            // Damaged in the store (its checksum): as good as lost, and no prover's fault.
+            Err(e @ proofmesh_core::ArtifactError::Corrupt { .. }) => lost.push((i as u32, e.to_string())),
             Err(e) => return Err(JobError::retry(e.to_string())),
         }
     }
     if !lost.is_empty() {
         let keys: Vec<&str> = lost.iter().map(|(_, k)| k.as_str()).collect();
-        let message = format!("{} input(s) missing from the artifact store: {}", lost.len(), keys.join(", "));
+        let message = format!("{} input(s) missing from the artifact store or damaged there: {}", lost.len(), keys.join(", "));
         return Err(JobError::lost_inputs(message, lost.into_iter().map(|(i, _)| i).collect()));
     }
     Ok(out)
@@ -101,9 +106,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::new(dir.path());
         store.put("a", b"proof a".to_vec()).await.unwrap();
-        let keys = ["gone-0", "a", "gone-2"].map(String::from);
+        store.put("damaged-3", b"proof b".to_vec()).await.unwrap();
+        let file = dir.path().join("damaged-3");
+        let mut bytes = std::fs::read(&file).unwrap();
+        *bytes.last_mut().unwrap() ^= 0x20;
+        std::fs::write(&file, bytes).unwrap();
+        let keys = ["gone-0", "a", "gone-2", "damaged-3"].map(String::from);
         let e = read_all(&store, &keys).await.unwrap_err();
-        assert_eq!(e.lost_inputs, vec![0, 2]);
+        assert_eq!(e.lost_inputs, vec![0, 2, 3]);
+        assert!(e.message.contains("damaged-3") && e.message.contains("corrupted"), "{}", e.message);
         assert!(e.bad_inputs.is_empty() && e.retryable);
         assert!(e.message.contains("gone-0") && e.message.contains("gone-2"), "{}", e.message);
         assert_eq!(read_all(&store, &keys[1..2]).await.unwrap(), vec![b"proof a".to_vec()]);

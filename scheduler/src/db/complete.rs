@@ -381,12 +381,16 @@ pub async fn reject_inputs(
         if status != JobStatus::Succeeded.as_str() {
             continue; // already being proven again
         }
+        // A lost input's job runs again on the store's account, not its own: the attempt its
+        // new lease takes is given back here (a bad proof's rerun is its prover's, and counts).
         sqlx::query(
-            formatcp!("UPDATE jobs SET status = {QUEUED}, queued_at = now(), finished_at = NULL, lease_id = NULL, leased_to = NULL, error = $2
+            formatcp!("UPDATE jobs SET status = {QUEUED}, queued_at = now(), finished_at = NULL, lease_id = NULL, leased_to = NULL, error = $2,
+                              attempts = attempts - CASE WHEN $3 THEN 0 ELSE 1 END
              WHERE id = $1"),
         )
         .bind(input)
         .bind(reason)
+        .bind(strike)
         .execute(&mut *tx)
         .await?;
         sqlx::query(formatcp!("UPDATE leases SET outcome = {REJECTED}, error = $2 WHERE lease_id = $1")).bind(input_lease).bind(reason).execute(&mut *tx).await?;
