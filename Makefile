@@ -29,15 +29,16 @@ build:
 
 # The cluster test runs the workspace's binaries, so they are built first; the tests get a
 # throwaway PostgreSQL unless DATABASE_URL is set, and the real clients they drive (grpcurl,
-# prometheus_client) from .venv (scripts/test-tools.sh). The short chaos run reuses the setup data the
-# tests built (small geometry) and always runs its own PostgreSQL (it restarts it).
+# prometheus_client) from .venv (scripts/test-tools.sh). The scripts' checks and the short chaos
+# run use mutual TLS (proofmesh-dev-ca makes their certificates); the chaos run reuses the setup
+# data the tests built (small geometry) and always runs its own PostgreSQL (it restarts it).
 test:
 	$(CARGO) build --workspace --bins
 	scripts/test-tools.sh
 	scripts/chart-test.sh
 	PATH="$(CURDIR)/.venv/bin:$$PATH" scripts/with-postgres.sh $(CARGO) test --workspace
-	SETUP_DIR=target/tmp/setup-cache scripts/scripts-test.sh
 	$(CARGO) build -p proofmesh-proto --features test-ca --bin proofmesh-dev-ca
+	SETUP_DIR=target/tmp/setup-cache scripts/scripts-test.sh
 	SETUP_DIR=target/tmp/setup-cache scripts/chaos.sh --short
 
 chaos:

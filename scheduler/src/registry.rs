@@ -59,6 +59,11 @@ pub struct Conn {
     pub quarantined: bool,
     /// Its stream.
     pub outbox: Outbox,
+    /// The worker process's `Register.instance_id` (empty: none given).
+    pub instance: String,
+    /// Cancelled to end this stream from the scheduler's side (a reconnect of the same
+    /// instance replaced it: [`Registry::replace_instance`]).
+    pub ended: tokio_util::sync::CancellationToken,
 }
 
 impl Conn {
@@ -96,6 +101,24 @@ impl Registry {
     /// Adds a worker.
     pub fn add(&mut self, conn: Conn) {
         self.workers.insert(conn.id.clone(), conn);
+    }
+
+    /// A registration of `instance` (a worker process's `Register.instance_id`) from
+    /// `identity`: the connections it still has here are half-open leftovers of the same process
+    /// (it reconnected because it found them dead). They leave the registry at once, so nothing
+    /// more is sent into them, and are returned (id, token to end their stream). A connection of
+    /// the same instance id but another identity (TLS on) is not the same process and stays.
+    pub fn replace_instance(&mut self, instance: &str, identity: Option<&str>) -> Vec<(String, tokio_util::sync::CancellationToken)> {
+        if instance.is_empty() {
+            return vec![];
+        }
+        let old: Vec<String> = self
+            .workers
+            .values()
+            .filter(|c| c.instance == instance && c.identity.as_deref() == identity)
+            .map(|c| c.id.clone())
+            .collect();
+        old.into_iter().filter_map(|id| self.remove(&id).map(|c| (id, c.ended))).collect()
     }
 
     /// Removes a worker; the slots its WVG leases held on provers are freed.
@@ -222,6 +245,11 @@ impl Registry {
         self.slots.iter().filter(|(_, p)| p.as_str() == prover).map(|(l, _)| *l).collect()
     }
 
+    /// The prover whose slot WVG lease `lease` holds (the one it was matched with), if any.
+    pub fn slot_holder(&self, lease: Uuid) -> Option<&str> {
+        self.slots.get(&lease).map(String::as_str)
+    }
+
     /// Frees the prover slot `lease` held, if any. Returns whether one was freed.
     pub fn free_slot(&mut self, lease: Uuid) -> bool {
         let Some(prover) = self.slots.remove(&lease) else { return false };
@@ -272,6 +300,8 @@ mod tests {
             identity: None,
             quarantined: false,
             outbox,
+            instance: String::new(),
+            ended: Default::default(),
         }
     }
 

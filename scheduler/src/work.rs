@@ -146,6 +146,15 @@ impl v1::scheduler_server::Scheduler for WorkService {
         outbox
             .try_send(Ok(v1::SchedulerMessage { msg: Some(scheduler_message::Msg::Registered(registered)) }))
             .map_err(|_| Status::internal("worker outbox closed"))?;
+        // A reconnect of a process whose old stream this scheduler still holds (half-open: the
+        // worker saw it die, the scheduler did not): that stream is ended now, not when its TCP
+        // keepalive gives up, and no lease goes into it meanwhile (issue 16 rule 7).
+        let replaced = self.shared.registry().replace_instance(&reg.instance_id, identity.as_deref());
+        for (old, token) in replaced {
+            tracing::info!(worker = %id, replaced = %old, name, "a reconnect of the same worker process: its old stream is ended");
+            token.cancel();
+        }
+        let ended = CancellationToken::new();
         self.shared.registry().add(Conn {
             id: id.clone(),
             name: name.clone(),
@@ -168,6 +177,8 @@ impl v1::scheduler_server::Scheduler for WorkService {
             identity: identity.clone(),
             quarantined,
             outbox: outbox.clone(),
+            instance: reg.instance_id.clone(),
+            ended: ended.clone(),
         });
         let held = parse_leases(&reg.held_leases);
         if !held.is_empty() {
@@ -183,6 +194,7 @@ impl v1::scheduler_server::Scheduler for WorkService {
             let end = tokio::select! {
                 end = serve_worker(&shared, &id, identity.as_deref(), &mut inbound, &outbox) => end,
                 _ = shutdown.cancelled() => "scheduler shutting down".to_string(),
+                _ = ended.cancelled() => "replaced by a reconnect of the same worker process".to_string(),
             };
             shared.registry().remove(&id);
             if !shutdown.is_cancelled() {
@@ -457,12 +469,27 @@ async fn completed(shared: &Shared, worker: &str, identity: Option<&str>, c: v1:
     }
 }
 
+/// Whether connection `worker` may fail proving lease `lease` (issue 16 rule 6): it holds the
+/// job (`jobs.leased_to`: the WVG, or the prover once it took the lease over) or is the prover
+/// the lease was matched with (its slot, in the registry). A WVG whose receipt was lost after
+/// the hand-off must not fail the job its prover is proving. Leases of other kinds, and leases
+/// no longer current, pass (the usual checks answer them).
+async fn from_proving_holder(shared: &Shared, worker: &str, lease: Uuid) -> Result<bool, DbError> {
+    let Some(holder) = db::proving_holder(&shared.pool, lease).await? else { return Ok(true) };
+    Ok(holder == worker || shared.registry().slot_holder(lease) == Some(worker))
+}
+
 async fn failed(shared: &Shared, worker: &str, identity: Option<&str>, f: v1::Failed, outbox: &Outbox) -> Result<(), DbError> {
     let Some(lease) = parse_lease(&f.lease_id) else {
         refuse(outbox, &f.lease_id, "not a lease id").await;
         return Ok(());
     };
     if !may_report(shared, worker, identity, lease, outbox).await? {
+        return Ok(());
+    }
+    if !from_proving_holder(shared, worker, lease).await? {
+        tracing::warn!(worker, %lease, "failure of a proving lease from a connection that does not hold it refused: {}", f.error);
+        refuse(outbox, &f.lease_id, "this proving lease is held by another connection (its prover took it over): only the holder or the matched prover may fail it").await;
         return Ok(());
     }
     if (!f.bad_inputs.is_empty() || !f.lost_inputs.is_empty()) && rejected_inputs(shared, worker, lease, &f, outbox).await? {

@@ -603,3 +603,43 @@ async fn a_lost_input_proof_is_proven_again_and_its_consumer_waits_without_spend
     .unwrap();
     assert!(attempts.len() >= 3 && attempts.iter().all(|&a| a == 1), "one attempt each, the loss charged to none: {attempts:?}");
 }
+
+/// Issue 16 rule 7: a worker process that reconnects while the scheduler still holds its old
+/// stream open (half-open: the worker saw it die, the scheduler did not) replaces it, by its
+/// `Register.instance_id`: the old stream is ended at once and leaves the registry, so no lease
+/// goes into it; the lease it held is re-attached to the new stream with its attempt; another
+/// process (another instance id) is left alone. Before, both connections stayed, and leases
+/// went into the dead one until its TCP keepalive gave up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_of_the_same_process_replaces_its_half_open_stream() {
+    let s = start_scheduler_with(settings()).await;
+    let wg = |instance: &str, held: Vec<String>| v1::Register {
+        instance_id: instance.into(),
+        held_leases: held,
+        ..register(Role::WitnessGenerator, "a", "h1", 1, "")
+    };
+    let mut old = RawWorker::connect(&s.url, wg("instance-1", vec![])).await;
+    let other = RawWorker::connect(&s.url, wg("instance-2", vec![])).await;
+    old.credit(1);
+    submit(&s.url, 21).await;
+    let lease = old.lease().await;
+
+    let mut new = RawWorker::connect(&s.url, wg("instance-1", vec![lease.lease_id.clone()])).await;
+    let t = Instant::now();
+    assert!(old.next_any(Duration::from_secs(5)).await.is_none());
+    assert!(t.elapsed() < Duration::from_secs(4), "the old stream was ended, not left open");
+    {
+        let reg = s.shared.registry();
+        assert!(reg.get(&old.id).is_none(), "the old connection left the registry");
+        assert!(reg.get(&new.id).is_some() && reg.get(&other.id).is_some(), "the new one and the other process stay");
+    }
+    // The lease is the new stream's: its completion is taken, with the one attempt it had.
+    new.complete(&lease.lease_id, &[(1, 1)]);
+    new.expect_recorded(&lease.lease_id).await;
+    assert_eq!(round0_attempts(&s.shared.pool, 21).await, ("succeeded".into(), 1));
+    // Work for the process goes to its new stream.
+    new.credit(1);
+    submit(&s.url, 22).await;
+    let next = new.lease().await;
+    assert_eq!(next.job.map(|j| j.batch_number), Some(22));
+}

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use proofmesh_proto::v1::{self, scheduler_client::SchedulerClient, worker_message, Role};
@@ -643,4 +643,54 @@ async fn a_queued_job_never_waits_while_a_prover_of_its_version_is_free() {
     let prover = |endpoint: &str, v| v1::Register { protocol_versions: vec![v], ..register(Role::Prover, "a", "", 4, endpoint) };
     let (matched, _, far) = matched_prover(prover("http://near:1", version(1, 0)), prover("http://far:1", version(1, 1)), version(1, 1), 1).await;
     assert_eq!(matched, far, "matched with the one prover that proves 0.1.1");
+}
+
+/// Issue 16 rule 6: a `Failed` for a WVG lease is taken only from the connection holding it, or
+/// from the prover it was matched with. A WVG whose receipt was lost after the hand-off (its
+/// prover took the lease over and is proving) reports the push failed: refused, the job stays
+/// leased to the prover, no attempt spent; the prover's own failure is taken. Before, the WVG's
+/// late failure requeued the job under the prover and spent an attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wvg_cannot_fail_a_lease_its_prover_took_over() {
+    let s = start_scheduler_with(settings()).await;
+    let mut prover = RawWorker::connect(&s.url, register(Role::Prover, "a", "h1", 1, "http://prover:1")).await;
+    let mut wg = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h2", 1, "")).await;
+    wg.credit(1);
+    assert!(submit(&s.url, 1).await);
+    let l = wg.lease().await;
+    wg.complete(&l.lease_id, &[(1, 1)]);
+    wg.expect_recorded(&l.lease_id).await;
+    let mut wvg = RawWorker::connect(&s.url, register(Role::Wvg, "a", "h1", 1, "")).await;
+    wvg.credit(1);
+    let lease = wvg.lease().await;
+    assert_eq!(lease.prover_worker_id, prover.id);
+    let holder = || async {
+        sqlx::query_scalar::<_, Option<String>>("SELECT leased_to FROM jobs WHERE lease_id = $1::uuid")
+            .bind(&lease.lease_id)
+            .fetch_one(&s.shared.pool)
+            .await
+            .unwrap()
+    };
+    // The prover has the whole witness vector and takes the lease over with its heartbeat.
+    prover.heartbeat(&[&lease.lease_id]);
+    let until = Instant::now() + Duration::from_secs(5);
+    while holder().await.as_deref() != Some(prover.id.as_str()) {
+        assert!(Instant::now() < until, "the prover never took the lease over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The WVG never saw the receipt: it reports the push failed.
+    wvg.fail(&lease.lease_id, true);
+    match wvg.next_any(Duration::from_secs(5)).await {
+        Some(v1::scheduler_message::Msg::Refused(r)) => assert!(r.reason.contains("held by another connection"), "{}", r.reason),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    assert_eq!(holder().await.as_deref(), Some(prover.id.as_str()), "still the prover's");
+    // The prover's own failure is taken: the job goes back to the queue.
+    prover.fail(&lease.lease_id, true);
+    prover.expect_recorded(&lease.lease_id).await;
+    let (status, attempts): (String, i32) = sqlx::query_as("SELECT status, attempts FROM jobs WHERE kind = 'proving' AND batch_number = 1")
+        .fetch_one(&s.shared.pool)
+        .await
+        .unwrap();
+    assert_eq!((status.as_str(), attempts), ("queued", 1));
 }

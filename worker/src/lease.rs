@@ -98,6 +98,9 @@ pub struct LeaseClient {
     expected: Mutex<BTreeMap<String, (String, Instant)>>,
     /// Woken when an announcement arrives.
     announced: Notify,
+    /// Picked once, sent on every registration (`Register.instance_id`): a reconnect replaces
+    /// this process's half-open old stream at the scheduler.
+    instance_id: String,
 }
 
 /// How long an announced push is waited for before its announcement is forgotten.
@@ -125,6 +128,7 @@ impl LeaseClient {
             busy_slots: std::sync::OnceLock::new(),
             expected: Mutex::default(),
             announced: Notify::new(),
+            instance_id: format!("{:032x}", rand::random::<u128>()),
         });
         let (leases, rx) = mpsc::channel(1024);
         tokio::spawn(client.clone().supervise(leases, stop));
@@ -374,6 +378,7 @@ impl LeaseClient {
             prover_group: r.prover_group,
             memory_budget_mib: r.memory_budget_mib,
             loaded_setups: self.loaded_setups.lock().expect("poisoned").clone(),
+            instance_id: self.instance_id.clone(),
         })))?;
         let mut inbound = client.work(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)).await?.into_inner();
         let first = inbound.message().await?.and_then(|m| m.msg);

@@ -210,3 +210,17 @@ pub async fn foreign_leases(pool: &PgPool, leases: &[Uuid], identity: &str) -> R
     .await?)
 }
 
+
+/// The connection holding `lease`'s job as a proving job (`jobs.leased_to`: the WVG, or the
+/// prover once it took the lease over), if the lease is current and its job is a proving job;
+/// `None` otherwise (another kind, or not current: the caller's usual checks answer those).
+pub async fn proving_holder(pool: &PgPool, lease: Uuid) -> Result<Option<String>, DbError> {
+    Ok(sqlx::query_scalar::<_, Option<String>>(formatcp!(
+        "SELECT leased_to FROM jobs WHERE lease_id = $1 AND status = {LEASED} AND kind = $2"
+    ))
+    .bind(lease)
+    .bind(crate::graph::JobKind::Proving.as_str())
+    .fetch_optional(pool)
+    .await?
+    .flatten())
+}

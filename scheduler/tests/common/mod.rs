@@ -211,6 +211,7 @@ pub fn register(role: v1::Role, zone: &str, host: &str, capacity: u32, endpoint:
         prover_group: None,
         memory_budget_mib: 0,
         loaded_setups: vec![],
+        instance_id: String::new(),
     }
 }
 
