@@ -470,13 +470,16 @@ async fn completed(shared: &Shared, worker: &str, identity: Option<&str>, c: v1:
 }
 
 /// Whether connection `worker` may fail proving lease `lease` (issue 16 rule 6): it holds the
-/// job (`jobs.leased_to`: the WVG, or the prover once it took the lease over) or is the prover
-/// the lease was matched with (its slot, in the registry). A WVG whose receipt was lost after
-/// the hand-off must not fail the job its prover is proving. Leases of other kinds, and leases
-/// no longer current, pass (the usual checks answer them).
+/// job (`jobs.leased_to`: the WVG, or the prover once it took the lease over), or is the prover
+/// the lease was matched with (its slot, in the registry), or the holder is no live connection
+/// here (a report resent on a new stream after a reconnect or a scheduler restart: `make chaos`
+/// caught that case). A WVG whose receipt was lost after the hand-off must not fail the job its
+/// prover, connected, is proving. Leases of other kinds, and leases no longer current, pass
+/// (the usual checks answer them).
 async fn from_proving_holder(shared: &Shared, worker: &str, lease: Uuid) -> Result<bool, DbError> {
     let Some(holder) = db::proving_holder(&shared.pool, lease).await? else { return Ok(true) };
-    Ok(holder == worker || shared.registry().slot_holder(lease) == Some(worker))
+    let reg = shared.registry();
+    Ok(holder == worker || reg.slot_holder(lease) == Some(worker) || reg.get(&holder).is_none())
 }
 
 async fn failed(shared: &Shared, worker: &str, identity: Option<&str>, f: v1::Failed, outbox: &Outbox) -> Result<(), DbError> {

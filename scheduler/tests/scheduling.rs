@@ -693,4 +693,19 @@ async fn a_wvg_cannot_fail_a_lease_its_prover_took_over() {
         .await
         .unwrap();
     assert_eq!((status.as_str(), attempts), ("queued", 1));
+
+    // A failure resent on a new stream after a reconnect (the old stream gone, so no live
+    // connection holds the lease) is taken.
+    wvg.credit(1);
+    let again = wvg.lease().await;
+    let gone = wvg.id.clone();
+    drop(wvg);
+    let until = Instant::now() + Duration::from_secs(5);
+    while s.shared.registry().get(&gone).is_some() {
+        assert!(Instant::now() < until, "the closed stream never left the registry");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut back = RawWorker::connect(&s.url, register(Role::Wvg, "a", "h1", 1, "")).await;
+    back.fail(&again.lease_id, true);
+    back.expect_recorded(&again.lease_id).await;
 }
