@@ -603,6 +603,17 @@ async fn matched_prover(near: v1::Register, far: v1::Register, job_version: v1::
     (lease.prover_worker_id, near.id.clone(), far.id.clone())
 }
 
+/// Batch `n` submitted and its round-0 witness generation done by a witness generator on host
+/// `h2` (one basic circuit of type 1): its round-0 proving job is queued.
+async fn basic_circuits_queued(url: &str, n: u32) {
+    let mut wg = RawWorker::connect(url, register(Role::WitnessGenerator, "a", "h2", 1, "")).await;
+    wg.credit(1);
+    assert!(submit(url, n).await);
+    let l = wg.lease().await;
+    wg.complete(&l.lease_id, &[(1, 1)]);
+    wg.expect_recorded(&l.lease_id).await;
+}
+
 /// Issue 16 rule 6: prover slots are what the provers say. A prover whose heartbeat says its one
 /// slot is proving (a witness vector whose lease the scheduler no longer counts: its WVG failed
 /// it after the push, or it was matched before a restart) is matched with no WVG; once a
@@ -612,12 +623,7 @@ async fn a_prover_that_says_its_slots_are_busy_is_matched_with_no_wvg_until_one_
     let s = start_scheduler_with(settings()).await;
     let prover = RawWorker::connect(&s.url, register(Role::Prover, "a", "h1", 1, "http://prover:1")).await;
     prover.heartbeat_busy(1);
-    let mut wg = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h2", 1, "")).await;
-    wg.credit(1);
-    assert!(submit(&s.url, 1).await);
-    let l = wg.lease().await;
-    wg.complete(&l.lease_id, &[(1, 1)]);
-    wg.expect_recorded(&l.lease_id).await;
+    basic_circuits_queued(&s.url, 1).await;
     let mut wvg = RawWorker::connect(&s.url, register(Role::Wvg, "a", "h1", 1, "")).await;
     wvg.credit(1);
     assert!(wvg.next(Duration::from_millis(700)).await.is_none(), "matched with a prover whose every slot is busy");
@@ -654,12 +660,7 @@ async fn a_queued_job_never_waits_while_a_prover_of_its_version_is_free() {
 async fn a_wvg_cannot_fail_a_lease_its_prover_took_over() {
     let s = start_scheduler_with(settings()).await;
     let mut prover = RawWorker::connect(&s.url, register(Role::Prover, "a", "h1", 1, "http://prover:1")).await;
-    let mut wg = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h2", 1, "")).await;
-    wg.credit(1);
-    assert!(submit(&s.url, 1).await);
-    let l = wg.lease().await;
-    wg.complete(&l.lease_id, &[(1, 1)]);
-    wg.expect_recorded(&l.lease_id).await;
+    basic_circuits_queued(&s.url, 1).await;
     let mut wvg = RawWorker::connect(&s.url, register(Role::Wvg, "a", "h1", 1, "")).await;
     wvg.credit(1);
     let lease = wvg.lease().await;
