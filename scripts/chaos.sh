@@ -196,12 +196,14 @@ wait_sql() {
 # A hung stage: the circuit input of a queued proving job is swapped (rename, atomic) for a
 # FIFO with no writer, so the WVG that takes the job blocks reading it, as on a hung network
 # mount, while its heartbeats go on and keep the lease. Its stage timeout must end the lease as
-# a failure (not an expiry) and the job run again. The real file is put back 3 s before the
-# timeout, so the rerun reads it; then the blocked read is given its EOF. A job leased before
+# a failure (not an expiry) and the job run again. A writer opens the FIFO (which blocks until
+# the WVG's read opens it) and then puts the real file back at once, so the rerun reads it
+# whenever it comes; once the hung lease has ended, the writer exits and the blocked read gets
+# its EOF. A job leased before
 # the swap (the race lost) is left alone and another taken. Runs in the background (the other
 # faults go on); its verdict is read back from $DIR/hang: "JOB GRANTED LEASE" or "SKIPPED ...".
 hang_stage() {
-  local row job key lease granted swapped until=$(( $(date +%s) + 300 ))
+  local row job="" key="" opener="" lease granted swapped until=$(( $(date +%s) + 300 ))
   mkfifo "$DIR/hang.fifo"
   ln "$DIR/hang.fifo" "$DIR/hang.fifo.keep"
   while :; do
@@ -220,8 +222,11 @@ hang_stage() {
     echo "$job" >"$DIR/hang.job"
     break
   done
+  # The writer: its open returns when the hung read has opened the FIFO; it holds it open,
+  # writing nothing, until it is killed.
+  ( exec 3>"$DIR/hang.fifo.keep"; mv "$DIR/hang.input" "$DATA/$key"; exec sleep 1000 ) & opener=$!
   if ! wait_sql "SELECT EXISTS (SELECT 1 FROM leases WHERE job_id = $job)" 300; then
-    mv "$DIR/hang.input" "$DATA/$key"; echo "SKIPPED: job $job was never leased" >"$DIR/hang"; return
+    restore_hung; echo "SKIPPED: job $job was never leased" >"$DIR/hang"; return
   fi
   # (Each query again until it answers: PostgreSQL may be restarting under this fault.)
   for _ in $(seq 300); do
@@ -229,13 +234,19 @@ hang_stage() {
     [[ -n "$row" ]] && break; sleep 0.2
   done
   read -r lease granted <<<"$row"
-  [[ -n "$lease" ]] || { echo "SKIPPED: the lease of job $job could not be read" >"$DIR/hang"; return; }
-  sleep "$(awk -v g="$granted" -v n="$(now)" -v t="$STAGE_TIMEOUT" 'BEGIN { d = g + t - 3 - n; print (d > 0 ? d : 0) }')"
-  mv "$DIR/hang.input" "$DATA/$key"
+  [[ -n "$lease" ]] || { restore_hung; echo "SKIPPED: the lease of job $job could not be read" >"$DIR/hang"; return; }
   wait_sql "SELECT EXISTS (SELECT 1 FROM leases WHERE lease_id = '$lease' AND outcome IS NOT NULL)" $((STAGE_TIMEOUT + 30)) || true
-  timeout 2 sh -c ": >'$DIR/hang.fifo.keep'" 2>/dev/null || true
-  rm -f "$DIR/hang.fifo.keep"
+  restore_hung
   echo "$job $granted $lease" >"$DIR/hang"
+}
+
+# Ends hang_stage's writer (its locals `opener`, `key`: bash scopes them dynamically) (a read still blocked on the FIFO gets its EOF) and puts the real
+# file back if no read ever opened the FIFO.
+restore_hung() {
+  kill "$opener" 2>/dev/null || true
+  wait "$opener" 2>/dev/null || true
+  if [[ -e "$DIR/hang.input" ]]; then mv "$DIR/hang.input" "$DATA/$key"; fi
+  rm -f "$DIR/hang.fifo.keep"
 }
 
 # A round-0 proof deleted and another corrupted (one byte flipped) after their jobs succeeded

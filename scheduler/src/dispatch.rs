@@ -9,11 +9,13 @@
 //! 2. every ready worker matched in memory against them (kind, versions, prover group; a WVG
 //!    also needs a free compatible prover, and tries each in order until one is granted): a
 //!    worker with nothing eligible costs no SQL;
-//! 3. one lease statement per matched worker, naming its eligible classes, all in one
-//!    transaction (at most [`MAX_LEASES_PER_COMMIT`]): one durable commit for the pass;
-//! 4. after the commit, the leases are sent. A statement that finds nothing for a worker no
-//!    budget binds proves its classes empty, so the workers after it that want only those
-//!    classes cost nothing either.
+//! 3. for up to [`MAX_LEASES_PER_COMMIT`] matched workers, one transaction: one statement reads
+//!    each eligible class's most urgent queued jobs (as many as workers may take it), each
+//!    worker takes its best one in memory, one statement grants them all, and one durable
+//!    commit ends it (a worker a memory budget binds runs its own lease statement in it);
+//! 4. after the commit, the leases are sent. A class that had fewer queued jobs than were
+//!    asked for is known empty once they are taken, so the workers after it that want only
+//!    those classes cost nothing either.
 //!
 //! Passes repeat (one lease per worker per pass, so workers share the queue fairly) until one
 //! grants nothing.
@@ -40,7 +42,8 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
         let result = passes.await.unwrap_or_else(|_| Err(db::DbError::pass_timed_out()));
         if let Err(e) = result {
             tracing::error!("dispatch: {e}");
-            // A database error: try again on the next wake-up (or shortly, so nothing stalls).
+            // A database error: try again on the next wake-up (or shortly, so nothing stalls),
+            // reading the queued classes again (a rolled-back pass may have taken some out).
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             shared.wake_dispatcher();
         }
@@ -206,86 +209,277 @@ async fn pass(shared: &Shared, classes: &mut Vec<QueuedClass>) -> Result<usize, 
 }
 
 /// Grants leases to the next workers of `workers` in one transaction, until
-/// [`MAX_LEASES_PER_COMMIT`] or the end of the list; commits. Each grant holds its prover slot
-/// and a credit in the registry at once, so the next worker's match sees them.
+/// [`MAX_LEASES_PER_COMMIT`] workers with something to ask for or the end of the list; commits.
+/// Workers no memory budget binds (the common case) cost the chunk two statements together:
+/// [`db::candidates`] reads, per eligible class, as many of its most urgent queued jobs as there
+/// are workers asking for it; each worker, in order, takes the first of its classes' heads in
+/// the lease order (setup-data affinity its own); [`db::lease_many`] grants them all. A worker
+/// a budget binds runs its own lease statement ([`db::lease_in`]: the budget and reserve rules
+/// need the jobs it already holds). Each grant holds its prover slot and a credit in the
+/// registry at once, so the next worker's match sees them; if the chunk fails, they are given
+/// back before the error is returned.
 async fn grant_chunk(
     shared: &Shared,
     classes: &mut Vec<QueuedClass>,
     workers: &mut std::slice::Iter<'_, String>,
     grants: &mut Vec<Grant>,
 ) -> Result<(), db::DbError> {
-    let mut tx = None;
+    let mut chunk: Vec<(String, Vec<(Ask, Vec<QueuedClass>)>)> = vec![];
     for worker in workers.by_ref() {
-        for (ask, eligible) in asks_for(shared, worker, classes) {
-            // A miss for an earlier prover may have shown some of these classes empty.
-            let eligible: Vec<QueuedClass> = eligible.into_iter().filter(|c| classes.contains(c)).collect();
-            if eligible.is_empty() {
-                continue;
+        let asks = asks_for(shared, worker, classes);
+        if !asks.is_empty() {
+            chunk.push((worker.clone(), asks));
+            if chunk.len() >= MAX_LEASES_PER_COMMIT {
+                break;
             }
-            let tx = match &mut tx {
-                Some(tx) => tx,
-                None => {
-                    let mut t = shared.pool.begin().await?;
-                    // The lease statement's plan does not depend on its parameters (index ranges
-                    // named by them): plan it once per connection, not on every call (planning
-                    // it cost as much as running it).
-                    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan").execute(&mut *t).await?;
-                    tx.insert(t)
-                }
-            };
-            let policy = &shared.settings.policy;
-            let request = db::LeaseAsk {
-                kind: ask.kind,
-                worker,
-                versions: &ask.versions,
-                pairs: &ask.pairs,
-                lease_secs: shared.settings.lease_secs,
-                warm: &ask.warm,
-                warm_own: &ask.warm_own,
-                budget_mib: ask.budget_mib,
-                prover_budget_mib: ask.prover.as_ref().map_or(0, |p| p.budget_mib),
-                prover_leases: ask.prover.as_ref().map_or(&[], |p| &p.slot_leases),
-                reserve_after_secs: policy.reserve_after_secs,
-                identity: ask.identity.as_deref(),
-                prover_identity: ask.prover.as_ref().and_then(|p| p.identity.as_deref()),
-            };
-            let job = db::lease_in(tx, &request, &eligible).await?;
-            shared.dispatch_stats.lease_statements.fetch_add(1, Ordering::Relaxed);
-            let result = if job.is_some() { "hit" } else { "miss" };
-            metrics::counter!(proofmesh_core::telemetry::names::LEASE_STATEMENTS, "result" => result).increment(1);
-            let Some(job) = job else {
-                if request.unbudgeted() {
-                    // Nothing of these classes is queued: no later worker needs to ask for them.
-                    classes.retain(|c| !eligible.contains(c));
-                }
-                // A WVG tries its next prover (a budget that binds here may not bind there).
+        }
+    }
+    if chunk.is_empty() {
+        return Ok(());
+    }
+    let mut planned: Vec<Planned> = vec![];
+    let result = grant_in(shared, classes, chunk, &mut planned, grants).await;
+    if result.is_err() {
+        undo_planned(shared, &planned);
+    }
+    result
+}
+
+/// A lease a worker took from the candidates, held in the registry, not yet granted.
+struct Planned {
+    worker: String,
+    candidate: db::Candidate,
+    lease_id: uuid::Uuid,
+    prover: Option<MatchedProver>,
+    identity: Option<String>,
+}
+
+/// [`grant_chunk`]'s transaction. `planned` holds what was taken in memory and not yet
+/// granted (the caller gives it back on an error).
+async fn grant_in(
+    shared: &Shared,
+    classes: &mut Vec<QueuedClass>,
+    chunk: Vec<(String, Vec<(Ask, Vec<QueuedClass>)>)>,
+    planned: &mut Vec<Planned>,
+    grants: &mut Vec<Grant>,
+) -> Result<(), db::DbError> {
+    let mut tx = shared.pool.begin().await?;
+    let unbudgeted = |asks: &[(Ask, Vec<QueuedClass>)]| asks.iter().all(|(a, _)| a.budget_mib == 0 && a.prover.as_ref().is_none_or(|p| p.budget_mib == 0));
+    // How many workers of the chunk may take each class: that many of its jobs are read.
+    let mut demand: std::collections::BTreeMap<QueuedClass, i64> = Default::default();
+    for (_, asks) in chunk.iter().filter(|(_, a)| unbudgeted(a)) {
+        let mut mine: Vec<QueuedClass> = asks.iter().flat_map(|(_, e)| e.iter().copied()).collect();
+        mine.sort();
+        mine.dedup();
+        for c in mine {
+            *demand.entry(c).or_default() += 1;
+        }
+    }
+    let mut pool = CandidatePool::default();
+    if !demand.is_empty() {
+        // One more than may be taken: a class that has no more than that is known empty once
+        // they are taken.
+        let wants: Vec<(QueuedClass, i64)> = demand.into_iter().map(|(c, n)| (c, n + 1)).collect();
+        let found = db::candidates(&mut tx, &wants).await?;
+        shared.dispatch_stats.lease_statements.fetch_add(1, Ordering::Relaxed);
+        pool = CandidatePool::new(&wants, found);
+    }
+    let mut generic_plans = false;
+    for (worker, asks) in chunk {
+        if unbudgeted(&asks) {
+            if let Some(p) = pool.take(shared, &worker, asks) {
+                planned.push(p);
+            }
+            continue;
+        }
+        if !generic_plans {
+            // The lease statement's plan does not depend on its parameters (index ranges named
+            // by them): plan it once per connection, not on every call (planning it cost as
+            // much as running it).
+            sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan").execute(&mut *tx).await?;
+            generic_plans = true;
+        }
+        if let Some(grant) = lease_budgeted(shared, &mut tx, &worker, asks, classes).await? {
+            grants.push(grant);
+        }
+    }
+    // Nothing is queued of a class whose every queued job was read and taken: no later worker
+    // needs to ask for it.
+    classes.retain(|c| !pool.exhausted(c));
+    if !planned.is_empty() {
+        let rows: Vec<db::GrantRow<'_>> = planned
+            .iter()
+            .map(|p| db::GrantRow {
+                job_id: p.candidate.id,
+                lease_id: p.lease_id,
+                worker: &p.worker,
+                identity: p.identity.as_deref(),
+                prover_identity: p.prover.as_ref().and_then(|m| m.identity.as_deref()),
+            })
+            .collect();
+        let leased = db::lease_many(&mut tx, &rows, shared.settings.lease_secs).await?;
+        shared.dispatch_stats.lease_statements.fetch_add(1, Ordering::Relaxed);
+        let later: Vec<i64> =
+            leased.iter().filter(|j| j.job.kind == JobKind::WitnessGeneration.as_str() && j.job.aggregation_round > 0).map(|j| j.id).collect();
+        let mut inputs = if later.is_empty() { Default::default() } else { db::inputs_of(&mut tx, &later).await? };
+        let mut leased: std::collections::HashMap<uuid::Uuid, db::LeasedJob> = leased.into_iter().map(|j| (j.lease_id, j)).collect();
+        for p in std::mem::take(planned) {
+            let Some(job) = leased.remove(&p.lease_id) else {
+                // No longer queued (cancelled meanwhile): this grant does not exist.
+                undo_planned(shared, std::slice::from_ref(&p));
                 continue;
             };
-            let inputs = match ask.kind {
-                JobKind::WitnessGeneration if job.job.aggregation_round > 0 => db::input_artifacts(tx, job.id).await?,
-                _ => job.input_key.clone().map(|k| vec![(k, 0)]).unwrap_or_default(),
+            let inputs = match inputs.remove(&job.id) {
+                Some(keys) => keys,
+                None => job.input_key.clone().map(|k| vec![(k, 0)]).unwrap_or_default(),
             };
-            {
-                let mut reg = shared.registry();
-                if let Some(p) = &ask.prover {
-                    reg.hold_slot(&p.id, job.lease_id);
-                }
-                if let Some(conn) = reg.get_mut(worker) {
-                    conn.credits = conn.credits.saturating_sub(1);
-                }
-            }
+            metrics::counter!(proofmesh_core::telemetry::names::LEASE_STATEMENTS, "result" => "hit").increment(1);
             shared.dispatch_stats.leases.fetch_add(1, Ordering::Relaxed);
-            grants.push(Grant { worker: worker.clone(), job, inputs, prover: ask.prover, identity: ask.identity });
-            break;
-        }
-        if grants.len() >= MAX_LEASES_PER_COMMIT {
-            break;
+            grants.push(Grant { worker: p.worker, job, inputs, prover: p.prover, identity: p.identity });
         }
     }
-    if let Some(tx) = tx {
-        tx.commit().await?;
-    }
+    tx.commit().await?;
     Ok(())
+}
+
+/// The candidates of a chunk, per class in index order, and which classes had fewer queued
+/// jobs than were read for (so, once taken, they are known empty).
+#[derive(Default)]
+struct CandidatePool {
+    queues: std::collections::HashMap<QueuedClass, std::collections::VecDeque<db::Candidate>>,
+    short: std::collections::HashSet<QueuedClass>,
+}
+
+impl CandidatePool {
+    fn new(wants: &[(QueuedClass, i64)], found: Vec<db::Candidate>) -> Self {
+        let mut pool = CandidatePool::default();
+        for c in found {
+            pool.queues.entry(c.class).or_default().push_back(c);
+        }
+        for (class, n) in wants {
+            if pool.queues.get(class).map_or(0, |q| q.len() as i64) < *n {
+                pool.short.insert(*class);
+            }
+        }
+        pool
+    }
+
+    /// Whether every queued job of `class` was read (fewer than asked for) and taken.
+    fn exhausted(&self, class: &QueuedClass) -> bool {
+        self.short.contains(class) && self.queues.get(class).is_none_or(|q| q.is_empty())
+    }
+
+    /// `worker`'s lease among the candidates: its asks in order (a WVG's, one per prover, best
+    /// prover first, each only while that prover has a free slot), each taking the first head
+    /// of its classes in the lease order. Holds the prover slot and a credit. `None`: nothing
+    /// for it.
+    fn take(&mut self, shared: &Shared, worker: &str, asks: Vec<(Ask, Vec<QueuedClass>)>) -> Option<Planned> {
+        let mut reg = shared.registry();
+        for (ask, eligible) in &asks {
+            if let Some(p) = &ask.prover {
+                // An earlier grant of this pass may have taken the prover's last slot.
+                if !reg.get(&p.id).is_some_and(|c| c.busy() < c.capacity && c.takes_work()) {
+                    continue;
+                }
+            }
+            let best = eligible
+                .iter()
+                .filter_map(|c| self.queues.get(c).and_then(|q| q.front()))
+                .min_by(|a, b| a.order(b, &ask.warm, &ask.warm_own))
+                .copied();
+            let Some(best) = best else { continue };
+            self.queues.get_mut(&best.class).and_then(|q| q.pop_front());
+            let lease_id = uuid::Uuid::new_v4();
+            if let Some(p) = &ask.prover {
+                reg.hold_slot(&p.id, lease_id);
+            }
+            if let Some(conn) = reg.get_mut(worker) {
+                conn.credits = conn.credits.saturating_sub(1);
+            }
+            return Some(Planned { worker: worker.to_string(), candidate: best, lease_id, prover: ask.prover.clone(), identity: ask.identity.clone() });
+        }
+        drop(reg);
+        metrics::counter!(proofmesh_core::telemetry::names::LEASE_STATEMENTS, "result" => "miss").increment(1);
+        None
+    }
+}
+
+/// Gives back what the registry held for leases taken from the candidates and not granted.
+fn undo_planned(shared: &Shared, planned: &[Planned]) {
+    let mut reg = shared.registry();
+    for p in planned {
+        reg.free_slot(p.lease_id);
+        if let Some(conn) = reg.get_mut(&p.worker) {
+            conn.credits = conn.credits.saturating_add(1);
+        }
+    }
+}
+
+/// A worker a memory budget binds: its asks in order, one lease statement each, until one is
+/// granted (docs/scheduling.md, "memory budgets").
+async fn lease_budgeted(
+    shared: &Shared,
+    tx: &mut sqlx::PgConnection,
+    worker: &str,
+    asks: Vec<(Ask, Vec<QueuedClass>)>,
+    classes: &mut Vec<QueuedClass>,
+) -> Result<Option<Grant>, db::DbError> {
+    for (mut ask, eligible) in asks {
+        // A miss for an earlier prover may have shown some of these classes empty.
+        let eligible: Vec<QueuedClass> = eligible.into_iter().filter(|c| classes.contains(c)).collect();
+        if eligible.is_empty() {
+            continue;
+        }
+        if let Some(p) = &mut ask.prover {
+            // An earlier grant of this pass may have taken the prover's last slot, or added
+            // to the leases its budget counts.
+            let reg = shared.registry();
+            if !reg.get(&p.id).is_some_and(|c| c.busy() < c.capacity && c.takes_work()) {
+                continue;
+            }
+            p.slot_leases = reg.slot_leases(&p.id);
+        }
+        let policy = &shared.settings.policy;
+        let request = db::LeaseAsk {
+            kind: ask.kind,
+            worker,
+            versions: &ask.versions,
+            pairs: &ask.pairs,
+            lease_secs: shared.settings.lease_secs,
+            warm: &ask.warm,
+            warm_own: &ask.warm_own,
+            budget_mib: ask.budget_mib,
+            prover_budget_mib: ask.prover.as_ref().map_or(0, |p| p.budget_mib),
+            prover_leases: ask.prover.as_ref().map_or(&[], |p| &p.slot_leases),
+            reserve_after_secs: policy.reserve_after_secs,
+            identity: ask.identity.as_deref(),
+            prover_identity: ask.prover.as_ref().and_then(|p| p.identity.as_deref()),
+        };
+        let job = db::lease_in(tx, &request, &eligible).await?;
+        shared.dispatch_stats.lease_statements.fetch_add(1, Ordering::Relaxed);
+        let result = if job.is_some() { "hit" } else { "miss" };
+        metrics::counter!(proofmesh_core::telemetry::names::LEASE_STATEMENTS, "result" => result).increment(1);
+        let Some(job) = job else {
+            // A WVG tries its next prover (a budget that binds here may not bind there).
+            continue;
+        };
+        let inputs = match ask.kind {
+            JobKind::WitnessGeneration if job.job.aggregation_round > 0 => db::input_artifacts(tx, job.id).await?,
+            _ => job.input_key.clone().map(|k| vec![(k, 0)]).unwrap_or_default(),
+        };
+        {
+            let mut reg = shared.registry();
+            if let Some(p) = &ask.prover {
+                reg.hold_slot(&p.id, job.lease_id);
+            }
+            if let Some(conn) = reg.get_mut(worker) {
+                conn.credits = conn.credits.saturating_sub(1);
+            }
+        }
+        shared.dispatch_stats.leases.fetch_add(1, Ordering::Relaxed);
+        return Ok(Some(Grant { worker: worker.to_string(), job, inputs, prover: ask.prover, identity: ask.identity }));
+    }
+    Ok(None)
 }
 
 /// Gives back what the registry held for grants whose transaction failed.

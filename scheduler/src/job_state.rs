@@ -172,7 +172,9 @@ pub enum Transition {
     Lease,
     /// The granted lease could not be sent (its worker left).
     Unsend,
-    /// A result was recorded (the current lease, or a late result of an expired one).
+    /// A result was recorded (the current lease, or a late result of an expired one). A late
+    /// result that supersedes a newer lease gives that lease's attempt back (the job did not
+    /// fail; the cluster lost sight of it, e.g. in a scheduler outage).
     Complete,
     /// The holder reported a failure; `retry`: retryable and attempts are left.
     Fail {

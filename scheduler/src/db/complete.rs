@@ -54,7 +54,8 @@ pub enum EndReason {
 }
 
 /// The claim of a result, in one statement: the lease must be current, or expired (a late
-/// result: the first valid result of a job wins, and the job's newer lease is superseded); its
+/// result: the first valid result of a job wins, and the job's newer lease is superseded, its
+/// attempt given back: the job did not fail, the cluster only lost sight of it); its
 /// job must be unfinished (leased or queued). It marks the job succeeded under this lease, ends
 /// the lease (and the superseded one) recording who handed the result in (`$3`, `$4`: the
 /// connection and identity; issue 16 rule 4), and counts the success down in every waiting job the job
@@ -69,7 +70,8 @@ const CLAIM: &str = formatcp!(
              WHERE (l.outcome IS NULL OR l.outcome = {EXPIRED}) AND j.status IN ({LEASED}, {QUEUED})
              FOR UPDATE OF j),
      done AS (UPDATE jobs SET status = {SUCCEEDED}, finished_at = now(), compute_secs = $2, lease_id = $1,
-                              lease_deadline = NULL, error = NULL
+                              lease_deadline = NULL, error = NULL,
+                              attempts = jobs.attempts - CASE WHEN old.current <> $1 THEN 1 ELSE 0 END
               FROM old WHERE jobs.id = old.id
               RETURNING jobs.id, jobs.batch_number, jobs.kind, jobs.aggregation_round, jobs.circuit_id, jobs.priority,
                         jobs.protocol_minor, jobs.protocol_patch, jobs.output_key,

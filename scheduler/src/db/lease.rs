@@ -252,6 +252,137 @@ pub async fn lease_in(conn: &mut PgConnection, ask: &LeaseAsk<'_>, classes: &[Qu
     Ok(job)
 }
 
+/// A queued job the dispatch pass may lease to a worker no memory budget binds: what the lease
+/// order ([`LEASE_ORDER`]) needs of it, the class it is of, and nothing else.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    /// `jobs.id`.
+    pub id: i64,
+    /// Its class.
+    pub class: QueuedClass,
+    /// `jobs.urgency` (priority plus ageing, seconds; higher first).
+    pub urgency: f64,
+    /// Its batch (older first among equally urgent jobs).
+    pub batch_number: i64,
+}
+
+impl Candidate {
+    /// The lease order between two candidates for one worker: [`LEASE_ORDER`], with `warm` and
+    /// `warm_own` the packed pairs whose setup data is loaded where the job would be proven and
+    /// at the worker itself. `Less`: `self` goes first.
+    pub fn order(&self, other: &Candidate, warm: &[i32], warm_own: &[i32]) -> std::cmp::Ordering {
+        let round = |c: &Candidate| c.class.pair >> 8;
+        other
+            .urgency
+            .total_cmp(&self.urgency)
+            .then(self.batch_number.cmp(&other.batch_number))
+            .then(round(other).cmp(&round(self)))
+            .then(warm.contains(&other.class.pair).cmp(&warm.contains(&self.class.pair)))
+            .then(warm_own.contains(&other.class.pair).cmp(&warm_own.contains(&self.class.pair)))
+            .then(self.id.cmp(&other.id))
+    }
+}
+
+/// The first `n` queued jobs of each class of `wants`, each class's in its index order
+/// (`jobs_queued_class`), in one statement that reads `n` rows of each class's index range and
+/// nothing else. Nothing is locked: [`lease_many`] leases a job only if it is still queued.
+pub async fn candidates(conn: &mut PgConnection, wants: &[(QueuedClass, i64)]) -> Result<Vec<Candidate>, DbError> {
+    const SQL: &str = formatcp!(
+        "SELECT c.ord, j.id, j.urgency, j.batch_number
+         FROM unnest($1::text[], $2::int[], $3::int[], $4::bigint[]) WITH ORDINALITY AS c(kind, version, pair, n, ord)
+         CROSS JOIN LATERAL (
+             SELECT j.id, j.urgency, j.batch_number FROM jobs j
+             WHERE j.status = {QUEUED} AND j.kind = c.kind
+               AND j.aggregation_round = (c.pair >> 8) AND j.circuit_id = (c.pair & 255)
+               AND j.protocol_minor = (c.version >> 16) AND j.protocol_patch = (c.version & 65535)
+             ORDER BY j.urgency DESC, j.batch_number, j.id
+             LIMIT c.n) j"
+    );
+    let kinds: Vec<&str> = wants.iter().map(|(c, _)| c.kind.as_str()).collect();
+    let versions: Vec<i32> = wants.iter().map(|(c, _)| c.version).collect();
+    let pairs: Vec<i32> = wants.iter().map(|(c, _)| c.pair).collect();
+    let counts: Vec<i64> = wants.iter().map(|(_, n)| *n).collect();
+    let rows: Vec<(i64, i64, f64, i64)> =
+        sqlx::query_as(SQL).bind(&kinds).bind(&versions).bind(&pairs).bind(&counts).fetch_all(&mut *conn).await?;
+    rows.into_iter()
+        .map(|(ord, id, urgency, batch_number)| {
+            let (class, _) = usize::try_from(ord - 1).ok().and_then(|i| wants.get(i)).ok_or_else(|| DbError::Invalid(format!("candidate class {ord}")))?;
+            Ok(Candidate { id, class: *class, urgency, batch_number })
+        })
+        .collect()
+}
+
+/// One lease of a dispatch pass, for [`lease_many`].
+#[derive(Debug, Clone)]
+pub struct GrantRow<'a> {
+    /// The job (a [`Candidate`]).
+    pub job_id: i64,
+    /// The new lease (fencing token), chosen by the dispatcher.
+    pub lease_id: Uuid,
+    /// The worker it goes to (`jobs.leased_to`).
+    pub worker: &'a str,
+    /// The worker's certificate identity (TLS on): the lease is bound to it.
+    pub identity: Option<&'a str>,
+    /// The matched prover's certificate identity: it may take the lease over and complete it.
+    pub prover_identity: Option<&'a str>,
+}
+
+/// Leases every job of `grants` that is still queued, in one statement (one `UPDATE` from
+/// `unnest`, its lease rows inserted with it), each for `lease_secs` seconds. Returns the jobs
+/// leased (in no particular order); a job that is no longer queued (cancelled, or leased by
+/// another scheduler) is left out, and its grant does not exist.
+pub async fn lease_many(conn: &mut PgConnection, grants: &[GrantRow<'_>], lease_secs: f64) -> Result<Vec<LeasedJob>, DbError> {
+    const SQL: &str = formatcp!(
+        "WITH g AS (SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::text[])
+                    AS g(id, lease_id, worker, identity, prover_identity)),
+         picked AS (
+             UPDATE jobs j SET status = {LEASED}, lease_id = g.lease_id, leased_to = g.worker, attempts = j.attempts + 1,
+                    lease_deadline = now() + make_interval(secs => $6), leased_at = now()
+             FROM g WHERE j.id = g.id AND j.status = {QUEUED}
+             RETURNING j.*, g.identity AS grant_identity, g.prover_identity AS grant_prover_identity),
+         history AS (INSERT INTO leases (lease_id, job_id, worker, identity, prover_identity)
+                     SELECT lease_id, id, leased_to, grant_identity, grant_prover_identity FROM picked)
+         SELECT p.id, p.lease_id, p.batch_number, p.kind, p.aggregation_round, p.circuit_id, p.depth,
+                p.sequence_number, p.protocol_minor, p.protocol_patch, p.input_key, p.output_key,
+                (extract(epoch FROM p.lease_deadline) * 1000)::bigint AS deadline_ms, b.geometry,
+                COALESCE(extract(epoch FROM now() - p.queued_at), 0)::float8 AS waited_secs, p.weight_mib
+         FROM picked p CROSS JOIN LATERAL (SELECT geometry FROM batches WHERE batch_number = p.batch_number) b"
+    );
+    let ids: Vec<i64> = grants.iter().map(|g| g.job_id).collect();
+    let leases: Vec<Uuid> = grants.iter().map(|g| g.lease_id).collect();
+    let workers: Vec<&str> = grants.iter().map(|g| g.worker).collect();
+    let identities: Vec<Option<&str>> = grants.iter().map(|g| g.identity).collect();
+    let provers: Vec<Option<&str>> = grants.iter().map(|g| g.prover_identity).collect();
+    let jobs = sqlx::query_as::<_, LeasedJob>(SQL)
+        .bind(&ids)
+        .bind(&leases)
+        .bind(&workers)
+        .bind(&identities)
+        .bind(&provers)
+        .bind(lease_secs)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(jobs)
+}
+
+/// The output keys and depths of the inputs of each of `job_ids`, in input order, in one
+/// statement. Errors: an input without an output ([`DbError::Invalid`]).
+pub async fn inputs_of(conn: &mut PgConnection, job_ids: &[i64]) -> Result<std::collections::HashMap<i64, Vec<(String, i16)>>, DbError> {
+    let rows = sqlx::query_as::<_, (i64, Option<String>, i16)>(
+        "SELECT ji.job_id, i.output_key, i.depth FROM job_inputs ji JOIN jobs i ON i.id = ji.input_job_id
+         WHERE ji.job_id = ANY($1) ORDER BY ji.job_id, ji.position",
+    )
+    .bind(job_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut inputs: std::collections::HashMap<i64, Vec<(String, i16)>> = std::collections::HashMap::new();
+    for (job, key, depth) in rows {
+        let key = key.ok_or_else(|| DbError::Invalid(format!("an input of job {job} has no output")))?;
+        inputs.entry(job).or_default().push((key, depth));
+    }
+    Ok(inputs)
+}
+
 /// [`lease_in`] on its own, for tools and benchmarks: reads the queued classes, keeps those
 /// `ask`'s versions and pairs allow, and leases (committed at once).
 pub async fn lease(pool: &PgPool, ask: &LeaseAsk<'_>) -> Result<Option<LeasedJob>, DbError> {
