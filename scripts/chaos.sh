@@ -332,7 +332,7 @@ if [[ -n "$HANG" ]]; then
   if [[ "$hjob" == SKIPPED* ]]; then
     say "SKIPPED hang: $(cat "$DIR/hang")"; SKIPPED=$((SKIPPED + 1))
   else
-    say "hung stage: job $hjob (lease $hlease), its input a FIFO until 3 s before the stage timeout"
+    say "hung stage: job $hjob (lease $hlease), its input a FIFO until its read opens it (the real file back at once)"
     record "WVG stage hung (input read blocked)" "$hjob" "$hgranted" "$hlease"
     SPENDING=$((SPENDING + 1))
     hung_outcome=$(sql "SELECT coalesce(outcome, 'open') FROM leases WHERE lease_id = '$hlease'") || hung_outcome="(unreadable)"

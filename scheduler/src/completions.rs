@@ -95,18 +95,11 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     }
 }
 
-/// Records `reports` in one transaction. `Err`: nothing was recorded.
+/// Records `reports` in one transaction ([`db::complete_many`]: one claim statement for all of
+/// them). `Err`: nothing was recorded.
 async fn together(shared: &Shared, reports: &[&Report]) -> Result<Vec<Result<Completion, DbError>>, DbError> {
     let mut tx = shared.pool.begin().await?;
-    let mut results = Vec::with_capacity(reports.len());
-    for report in reports {
-        match db::complete_in(&mut tx, report, &shared.settings).await {
-            Ok(done) => results.push(Ok(done)),
-            // Refused before anything changed.
-            Err(DbError::StaleLease(lease)) => results.push(Err(DbError::StaleLease(lease))),
-            Err(e) => return Err(e),
-        }
-    }
+    let results = db::complete_many(&mut tx, reports, &shared.settings).await?;
     tx.commit().await?;
     Ok(results)
 }

@@ -118,6 +118,54 @@ async fn two_last_inputs_completing_at_once_queue_their_job_exactly_once() {
     }
 }
 
+/// Issue 15: one claim statement records a whole batch of reports. Here, in one call: both
+/// inputs of one leaf (it is queued once, its counter at 0), a repeat of one of them (recorded
+/// once, then "already recorded"), a lease that had failed and one that never existed (each
+/// refused, nothing changed by them), and circuit 2's basic proof under its second lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_claim_statement_records_a_batch_of_reports_each_as_alone() {
+    let (pool, _) = fresh_database().await;
+    let settings = settings();
+    let leases = round0_proving_leases(&pool, &settings, 1, &[(CircuitId(1), 2), (CircuitId(2), 1), (CircuitId(3), 1)]).await;
+    assert_eq!(leases.len(), 2);
+    let report = |lease| db::Report { lease, counts: vec![], compute_secs: 0.5, verified_against_batch: true, by: Some("p".into()), identity: None };
+    // Circuit 2's basic proof: leased, then failed (retryable), then leased again.
+    let ask = db::LeaseAsk { pairs: &[2], ..db::LeaseAsk::plain(JobKind::Proving, "p", 60.0, &settings.policy) };
+    let failed = db::lease(&pool, &ask).await.unwrap().unwrap();
+    db::end_lease(&pool, failed.lease_id, "flaky", true, db::EndReason::Failed).await.unwrap().expect("failed");
+    let again = db::lease(&pool, &ask).await.unwrap().unwrap();
+    assert_eq!(again.id, failed.id);
+    let unknown = uuid::Uuid::new_v4();
+    let reports = [report(leases[0].lease_id), report(failed.lease_id), report(leases[1].lease_id), report(leases[0].lease_id), report(unknown), report(again.lease_id)];
+    let refs: Vec<&db::Report> = reports.iter().collect();
+    let mut tx = pool.begin().await.unwrap();
+    let results = db::complete_many(&mut tx, &refs, &settings).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(results.len(), 6);
+    let (a, b, repeat, c) = (results[0].as_ref().unwrap(), results[2].as_ref().unwrap(), results[3].as_ref().unwrap(), results[5].as_ref().unwrap());
+    assert!(!a.already_recorded && !b.already_recorded && !c.already_recorded);
+    assert!(repeat.already_recorded, "a repeat in the same batch is recorded once");
+    assert_eq!(a.queued + b.queued, 1, "the leaf is queued once, counted once");
+    assert!(matches!(results[1], Err(db::DbError::StaleLease(l)) if l == failed.lease_id));
+    assert!(matches!(results[4], Err(db::DbError::StaleLease(l)) if l == unknown));
+    // The leaves (round-1 witness generations) of circuits 1, 2 and 3: queued by their two
+    // inputs, queued by their one, still waiting for circuit 3's basic proof (never leased).
+    let leaves: Vec<(String, i32)> = sqlx::query_as(
+        "SELECT status, unfinished_inputs FROM jobs
+         WHERE batch_number = 1 AND kind = 'witness_generation' AND aggregation_round = 1 ORDER BY circuit_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(leaves, [("queued".into(), 0), ("queued".into(), 0), ("waiting".into(), 1)]);
+    let outcomes: Vec<(String,)> = sqlx::query_as("SELECT outcome FROM leases WHERE lease_id = ANY($1) ORDER BY outcome")
+        .bind(vec![leases[0].lease_id, leases[1].lease_id, failed.lease_id, again.lease_id])
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(outcomes, [("failed".into(),), ("succeeded".into(),), ("succeeded".into(),), ("succeeded".into(),)]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_input_counts_again_until_it_is_proven_again() {
     let (pool, _) = fresh_database().await;

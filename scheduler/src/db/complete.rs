@@ -53,50 +53,63 @@ pub enum EndReason {
     Expired,
 }
 
-/// The claim of a result, in one statement: the lease must be current, or expired (a late
-/// result: the first valid result of a job wins, and the job's newer lease is superseded, its
-/// attempt given back: the job did not fail, the cluster only lost sight of it); its
-/// job must be unfinished (leased or queued). It marks the job succeeded under this lease, ends
-/// the lease (and the superseded one) recording who handed the result in (`$3`, `$4`: the
-/// connection and identity; issue 16 rule 4), and counts the success down in every waiting job the job
-/// feeds (`jobs.unfinished_inputs`), queueing those that reach 0. Concurrent last inputs of one
-/// job serialize on its row, and each decrement applies to the newest row (READ COMMITTED
-/// re-evaluates an `UPDATE` on a row changed since its snapshot), so exactly one of them
-/// queues it. The row: the lease's outcome before (no row: an unknown lease), then the job's
-/// columns if it was claimed now, and how many jobs became queued.
+/// The claim of results, in one statement for a whole batch of reports (`unnest`: `$1` lease
+/// ids, `$2` compute seconds, `$3`, `$4` the connection and identity that handed each in; issue
+/// 16 rule 4). Each lease must be current, or expired (a late result: the first valid result
+/// of a job wins, and the job's newer lease is superseded, its attempt given back: the job did
+/// not fail, the cluster only lost sight of it); its job must be unfinished (leased or queued).
+/// Two leases of one job in one batch: the current one wins, else the first reported. It marks
+/// each job succeeded under its winning lease, ends that lease (and the superseded one)
+/// recording who handed the result in, and counts the successes down in every waiting job they
+/// feed (`jobs.unfinished_inputs`, by how many of its inputs succeeded here), queueing those
+/// that reach 0. The job rows are locked in id order (so two claims cannot deadlock); a waiting
+/// job's count is decremented on its newest row (READ COMMITTED re-evaluates an `UPDATE` on a
+/// row changed since its snapshot), so exactly one claim queues it. One row per report whose
+/// lease exists (`ord`: its 1-based position): the lease's outcome before, then its job's
+/// columns if it won now, and how many jobs it queued (a job queued by several successes of
+/// the batch is counted on the first by job id).
 const CLAIM: &str = formatcp!(
-    "WITH l AS (SELECT job_id, outcome FROM leases WHERE lease_id = $1),
-     old AS (SELECT j.id, j.lease_id AS current, j.leased_to AS holder FROM jobs j JOIN l ON j.id = l.job_id
-             WHERE (l.outcome IS NULL OR l.outcome = {EXPIRED}) AND j.status IN ({LEASED}, {QUEUED})
-             FOR UPDATE OF j),
-     done AS (UPDATE jobs SET status = {SUCCEEDED}, finished_at = now(), compute_secs = $2, lease_id = $1,
+    "WITH r AS (SELECT * FROM unnest($1::uuid[], $2::float8[], $3::text[], $4::text[]) WITH ORDINALITY
+                AS r(lease_id, compute_secs, by_conn, by_identity, ord)),
+     l AS (SELECT r.*, le.job_id, le.outcome FROM r JOIN leases le ON le.lease_id = r.lease_id),
+     locked AS (SELECT j.id, j.lease_id AS current, j.leased_to AS holder FROM jobs j
+                WHERE j.id IN (SELECT job_id FROM l WHERE outcome IS NULL OR outcome = {EXPIRED})
+                  AND j.status IN ({LEASED}, {QUEUED})
+                ORDER BY j.id FOR UPDATE),
+     old AS (SELECT DISTINCT ON (k.id) k.id, k.current, k.holder, l.lease_id AS winner, l.compute_secs, l.by_conn, l.by_identity
+             FROM locked k JOIN l ON l.job_id = k.id AND (l.outcome IS NULL OR l.outcome = {EXPIRED})
+             ORDER BY k.id, (l.lease_id = k.current) DESC, l.ord),
+     done AS (UPDATE jobs SET status = {SUCCEEDED}, finished_at = now(), compute_secs = old.compute_secs, lease_id = old.winner,
                               lease_deadline = NULL, error = NULL,
-                              attempts = jobs.attempts - CASE WHEN old.current <> $1 THEN 1 ELSE 0 END
+                              attempts = jobs.attempts - CASE WHEN old.current <> old.winner THEN 1 ELSE 0 END
               FROM old WHERE jobs.id = old.id
               RETURNING jobs.id, jobs.batch_number, jobs.kind, jobs.aggregation_round, jobs.circuit_id, jobs.priority,
-                        jobs.protocol_minor, jobs.protocol_patch, jobs.output_key,
-                        NULLIF(old.current, $1) AS superseded, old.holder),
-     ended AS (UPDATE leases SET outcome = CASE WHEN leases.lease_id = $1 THEN {SUCCEEDED} ELSE {SUPERSEDED} END,
+                        jobs.protocol_minor, jobs.protocol_patch, jobs.output_key, old.winner,
+                        NULLIF(old.current, old.winner) AS superseded, old.holder, old.by_conn, old.by_identity),
+     ended AS (UPDATE leases SET outcome = CASE WHEN leases.lease_id = done.winner THEN {SUCCEEDED} ELSE {SUPERSEDED} END,
                                  ended_at = now(),
-                                 completed_by = CASE WHEN leases.lease_id = $1 THEN $3 ELSE leases.completed_by END,
-                                 completed_identity = CASE WHEN leases.lease_id = $1 THEN $4 ELSE leases.completed_identity END
-               FROM done WHERE leases.lease_id IN ($1, done.superseded) AND (leases.lease_id = $1 OR leases.outcome IS NULL)
+                                 completed_by = CASE WHEN leases.lease_id = done.winner THEN done.by_conn ELSE leases.completed_by END,
+                                 completed_identity = CASE WHEN leases.lease_id = done.winner THEN done.by_identity ELSE leases.completed_identity END
+               FROM done WHERE leases.lease_id IN (done.winner, done.superseded)
+                 AND (leases.lease_id = done.winner OR leases.outcome IS NULL)
                RETURNING 1),
-     ready AS (UPDATE jobs SET unfinished_inputs = jobs.unfinished_inputs - 1,
-                               status = CASE WHEN jobs.unfinished_inputs = 1 THEN {QUEUED} ELSE jobs.status END,
-                               queued_at = CASE WHEN jobs.unfinished_inputs = 1 THEN now() ELSE jobs.queued_at END
-               FROM job_inputs ji, done
-               WHERE ji.input_job_id = done.id AND jobs.id = ji.job_id AND jobs.status = {WAITING}
-               RETURNING jobs.status)
-     SELECT l.outcome, d.id, d.batch_number, d.kind, d.aggregation_round, d.circuit_id, d.priority,
+     feeds AS (SELECT ji.job_id AS parent, count(*) AS n, min(done.id) AS first
+               FROM job_inputs ji JOIN done ON ji.input_job_id = done.id GROUP BY ji.job_id),
+     ready AS (UPDATE jobs SET unfinished_inputs = jobs.unfinished_inputs - feeds.n,
+                               status = CASE WHEN jobs.unfinished_inputs = feeds.n THEN {QUEUED} ELSE jobs.status END,
+                               queued_at = CASE WHEN jobs.unfinished_inputs = feeds.n THEN now() ELSE jobs.queued_at END
+               FROM feeds WHERE jobs.id = feeds.parent AND jobs.status = {WAITING}
+               RETURNING jobs.status, feeds.first)
+     SELECT l.ord, l.outcome, d.id, d.batch_number, d.kind, d.aggregation_round, d.circuit_id, d.priority,
             d.protocol_minor, d.protocol_patch, d.output_key, d.superseded, d.holder,
-            (SELECT count(*) FROM ready WHERE status = {QUEUED}) AS queued
-     FROM l LEFT JOIN done d ON true"
+            (SELECT count(*) FROM ready WHERE ready.status = {QUEUED} AND ready.first = d.id) AS queued
+     FROM l LEFT JOIN done d ON d.winner = l.lease_id"
 );
 
-/// The row [`CLAIM`] returns.
+/// A row [`CLAIM`] returns.
 #[derive(sqlx::FromRow)]
 struct ClaimRow {
+    ord: i64,
     outcome: Option<String>,
     id: Option<i64>,
     batch_number: Option<i64>,
@@ -131,26 +144,73 @@ pub struct Report {
     pub identity: Option<String>,
 }
 
-/// Records a completion on `conn` (a transaction: the completions batcher's, or
-/// [`complete`]'s): the first valid result of a job wins ([`CLAIM`]); refused with
+/// Records a completion on `conn` (a transaction: [`complete`]'s, or the completions
+/// batcher's fallback): [`complete_many`] with one report. Refused with
 /// [`DbError::StaleLease`] when the lease is unknown, failed, or its job already finished
-/// through another lease. A round-0 witness generation inserts the batch's job graph from
-/// `counts`; compression marks the batch proven, and only when the report says its final proof
-/// was verified against the batch (issue 16 rule 3): one that does not is [`DbError::Refused`]
-/// (nothing recorded once the transaction rolls back; the caller ends the lease as a retryable
-/// failure). Recording the same lease twice changes nothing the second time. One statement, two
-/// more for a round-0 witness generation.
+/// through another lease; other errors as [`complete_many`]'s.
 pub async fn complete_in(conn: &mut PgConnection, report: &Report, settings: &Settings) -> Result<Completion, DbError> {
+    complete_many(conn, &[report], settings).await?.pop().unwrap_or(Err(DbError::StaleLease(report.lease)))
+}
+
+/// Records the completions `reports` on `conn` (a transaction: the completions batcher's), in
+/// one claim statement for all of them ([`CLAIM`]: the first valid result of a job wins), then
+/// the few statements their kinds need: a round-0 witness generation inserts the batch's job
+/// graph from its `counts`; compression marks the batch proven, and only when the report says
+/// its final proof was verified against the batch (issue 16 rule 3). One result per report, in
+/// order: [`DbError::StaleLease`] when its lease is unknown, failed, or its job already
+/// finished through another lease (nothing changed for it); a lease reported twice (a worker
+/// resends reports it saw no answer to) is recorded once, and `already_recorded` after.
+/// `Err`: the transaction must be rolled back (a database error; a compression not verified
+/// against its batch, [`DbError::Refused`], which the caller then records alone to end it as
+/// a retryable failure).
+pub async fn complete_many(conn: &mut PgConnection, reports: &[&Report], settings: &Settings) -> Result<Vec<Result<Completion, DbError>>, DbError> {
+    // Each lease once: a repeat gets its first report's answer, as already recorded.
+    let mut first: std::collections::HashMap<Uuid, usize> = std::collections::HashMap::new();
+    let mut unique: Vec<&Report> = vec![];
+    let slot: Vec<usize> = reports
+        .iter()
+        .map(|r| {
+            *first.entry(r.lease).or_insert_with(|| {
+                unique.push(r);
+                unique.len() - 1
+            })
+        })
+        .collect();
+    let leases: Vec<Uuid> = unique.iter().map(|r| r.lease).collect();
+    let secs: Vec<f64> = unique.iter().map(|r| r.compute_secs).collect();
+    let by: Vec<Option<&str>> = unique.iter().map(|r| r.by.as_deref()).collect();
+    let identities: Vec<Option<&str>> = unique.iter().map(|r| r.identity.as_deref()).collect();
+    let rows: Vec<ClaimRow> =
+        sqlx::query_as(CLAIM).bind(&leases).bind(&secs).bind(&by).bind(&identities).fetch_all(&mut *conn).await?;
+    let mut claimed: Vec<Option<ClaimRow>> = unique.iter().map(|_| None).collect();
+    for row in rows {
+        let i = usize::try_from(row.ord - 1).ok().filter(|i| *i < claimed.len()).ok_or_else(|| DbError::Invalid(format!("claim row {}", row.ord)))?;
+        claimed[i] = Some(row);
+    }
+    let mut results: Vec<Option<Result<Completion, DbError>>> = Vec::with_capacity(unique.len());
+    for (report, row) in unique.iter().zip(claimed) {
+        let result = match row {
+            None => Err(DbError::StaleLease(report.lease)),
+            Some(row) => finish(conn, report, row, settings).await?,
+        };
+        results.push(Some(result));
+    }
+    let won: Vec<bool> = results.iter().map(|r| matches!(r, Some(Ok(_)))).collect();
+    Ok(slot
+        .into_iter()
+        .map(|i| match results[i].take() {
+            Some(result) => result,
+            // A repeat of a report answered above.
+            None if won[i] => Ok(Completion { already_recorded: true, ..Completion::default() }),
+            None => Err(DbError::StaleLease(unique[i].lease)),
+        })
+        .collect())
+}
+
+/// What follows the claim of one report: the answer when it did not win, else the statements
+/// its kind needs ([`complete_many`]). `Err`: roll back.
+async fn finish(conn: &mut PgConnection, report: &Report, row: ClaimRow, settings: &Settings) -> Result<Result<Completion, DbError>, DbError> {
     let lease = report.lease;
-    let row: Option<ClaimRow> =
-        sqlx::query_as(CLAIM)
-        .bind(lease)
-        .bind(report.compute_secs)
-        .bind(report.by.as_deref())
-        .bind(report.identity.as_deref())
-        .fetch_optional(&mut *conn)
-        .await?;
-    let Some(row) = row else { return Err(DbError::StaleLease(lease)) };
     let (Some(id), Some(batch), Some(kind_name), Some(round), Some(circuit_id), Some(priority), Some(minor), Some(patch)) = (
         row.id,
         row.batch_number,
@@ -161,12 +221,12 @@ pub async fn complete_in(conn: &mut PgConnection, report: &Report, settings: &Se
         row.protocol_minor,
         row.protocol_patch,
     ) else {
-        return match row.outcome.as_deref().and_then(LeaseOutcome::parse) {
+        return Ok(match row.outcome.as_deref().and_then(LeaseOutcome::parse) {
             Some(LeaseOutcome::Succeeded) => Ok(Completion { already_recorded: true, ..Completion::default() }),
             // Failed, handed back, unsent, superseded, rejected: no result can come from it;
             // or its job finished otherwise.
             _ => Err(DbError::StaleLease(lease)),
-        };
+        });
     };
     let kind = JobKind::parse(&kind_name).ok_or_else(|| DbError::Invalid(format!("job {id} kind {kind_name}")))?;
     let job = JobLabels { kind: kind_name, round, circuit_id };
@@ -208,7 +268,7 @@ pub async fn complete_in(conn: &mut PgConnection, report: &Report, settings: &Se
         }
         _ => {}
     }
-    Ok(done)
+    Ok(Ok(done))
 }
 
 /// [`complete_in`] in a transaction of its own.
