@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::{self, LeasedJob, QueuedClass};
 use crate::graph::JobKind;
+use crate::registry::{Conn, Registry};
 use crate::state::Shared;
 
 /// Leases granted in one transaction at most: a pass over a large ready fleet commits (and
@@ -92,6 +93,14 @@ struct Ask {
     prover: Option<MatchedProver>,
     /// The worker's certificate subject (TLS on).
     identity: Option<String>,
+}
+
+impl Ask {
+    /// Whether no memory budget binds it (neither the worker's nor its matched prover's): then
+    /// nothing but the lease order decides, and the chunk's candidates serve it.
+    fn unbudgeted(&self) -> bool {
+        self.budget_mib == 0 && self.prover.as_ref().is_none_or(|p| p.budget_mib == 0)
+    }
 }
 
 /// The prover matched with a WVG lease.
@@ -187,7 +196,7 @@ async fn pass(shared: &Shared, classes: &mut Vec<QueuedClass>) -> Result<usize, 
         // A failed statement or commit: the leases of the chunk do not exist; give back what
         // was held for them in memory.
         if let Err(e) = chunk {
-            undo(shared, &grants);
+            give_back(shared, grants.iter().map(|g| (g.worker.as_str(), g.job.lease_id)));
             return Err(e);
         }
         if grants.is_empty() {
@@ -240,7 +249,7 @@ async fn grant_chunk(
     let mut planned: Vec<Planned> = vec![];
     let result = grant_in(shared, classes, chunk, &mut planned, grants).await;
     if result.is_err() {
-        undo_planned(shared, &planned);
+        give_back(shared, planned.iter().map(|p| (p.worker.as_str(), p.lease_id)));
     }
     result
 }
@@ -264,7 +273,7 @@ async fn grant_in(
     grants: &mut Vec<Grant>,
 ) -> Result<(), db::DbError> {
     let mut tx = shared.pool.begin().await?;
-    let unbudgeted = |asks: &[(Ask, Vec<QueuedClass>)]| asks.iter().all(|(a, _)| a.budget_mib == 0 && a.prover.as_ref().is_none_or(|p| p.budget_mib == 0));
+    let unbudgeted = |asks: &[(Ask, Vec<QueuedClass>)]| asks.iter().all(|(a, _)| a.unbudgeted());
     // How many workers of the chunk may take each class: that many of its jobs are read.
     let mut demand: std::collections::BTreeMap<QueuedClass, i64> = Default::default();
     for (_, asks) in chunk.iter().filter(|(_, a)| unbudgeted(a)) {
@@ -281,7 +290,7 @@ async fn grant_in(
         // they are taken.
         let wants: Vec<(QueuedClass, i64)> = demand.into_iter().map(|(c, n)| (c, n + 1)).collect();
         let found = db::candidates(&mut tx, &wants).await?;
-        shared.dispatch_stats.lease_statements.fetch_add(1, Ordering::Relaxed);
+        counted(shared, !found.is_empty());
         pool = CandidatePool::new(&wants, found);
     }
     let mut generic_plans = false;
@@ -318,7 +327,7 @@ async fn grant_in(
             })
             .collect();
         let leased = db::lease_many(&mut tx, &rows, shared.settings.lease_secs).await?;
-        shared.dispatch_stats.lease_statements.fetch_add(1, Ordering::Relaxed);
+        counted(shared, !leased.is_empty());
         let later: Vec<i64> =
             leased.iter().filter(|j| j.job.kind == JobKind::WitnessGeneration.as_str() && j.job.aggregation_round > 0).map(|j| j.id).collect();
         let mut inputs = if later.is_empty() { Default::default() } else { db::inputs_of(&mut tx, &later).await? };
@@ -326,14 +335,13 @@ async fn grant_in(
         for p in std::mem::take(planned) {
             let Some(job) = leased.remove(&p.lease_id) else {
                 // No longer queued (cancelled meanwhile): this grant does not exist.
-                undo_planned(shared, std::slice::from_ref(&p));
+                give_back(shared, [(p.worker.as_str(), p.lease_id)]);
                 continue;
             };
             let inputs = match inputs.remove(&job.id) {
                 Some(keys) => keys,
                 None => job.input_key.clone().map(|k| vec![(k, 0)]).unwrap_or_default(),
             };
-            metrics::counter!(proofmesh_core::telemetry::names::LEASE_STATEMENTS, "result" => "hit").increment(1);
             shared.dispatch_stats.leases.fetch_add(1, Ordering::Relaxed);
             grants.push(Grant { worker: p.worker, job, inputs, prover: p.prover, identity: p.identity });
         }
@@ -378,7 +386,7 @@ impl CandidatePool {
         for (ask, eligible) in &asks {
             if let Some(p) = &ask.prover {
                 // An earlier grant of this pass may have taken the prover's last slot.
-                if !reg.get(&p.id).is_some_and(|c| c.busy() < c.capacity && c.takes_work()) {
+                if !reg.get(&p.id).is_some_and(Conn::has_free_slot) {
                     continue;
                 }
             }
@@ -390,26 +398,38 @@ impl CandidatePool {
             let Some(best) = best else { continue };
             self.queues.get_mut(&best.class).and_then(|q| q.pop_front());
             let lease_id = uuid::Uuid::new_v4();
-            if let Some(p) = &ask.prover {
-                reg.hold_slot(&p.id, lease_id);
-            }
-            if let Some(conn) = reg.get_mut(worker) {
-                conn.credits = conn.credits.saturating_sub(1);
-            }
+            hold(&mut reg, worker, ask.prover.as_ref(), lease_id);
             return Some(Planned { worker: worker.to_string(), candidate: best, lease_id, prover: ask.prover.clone(), identity: ask.identity.clone() });
         }
-        drop(reg);
-        metrics::counter!(proofmesh_core::telemetry::names::LEASE_STATEMENTS, "result" => "miss").increment(1);
         None
     }
 }
 
-/// Gives back what the registry held for leases taken from the candidates and not granted.
-fn undo_planned(shared: &Shared, planned: &[Planned]) {
+/// Counts a lease statement the dispatcher ran (`hit`: it found or granted something).
+fn counted(shared: &Shared, hit: bool) {
+    shared.dispatch_stats.lease_statements.fetch_add(1, Ordering::Relaxed);
+    let result = if hit { "hit" } else { "miss" };
+    metrics::counter!(proofmesh_core::telemetry::names::LEASE_STATEMENTS, "result" => result).increment(1);
+}
+
+/// Holds, for a lease of `worker`'s, its matched prover's slot and one of its credits, so the
+/// next worker's match sees them.
+fn hold(reg: &mut Registry, worker: &str, prover: Option<&MatchedProver>, lease: uuid::Uuid) {
+    if let Some(p) = prover {
+        reg.hold_slot(&p.id, lease);
+    }
+    if let Some(conn) = reg.get_mut(worker) {
+        conn.credits = conn.credits.saturating_sub(1);
+    }
+}
+
+/// Gives back what [`hold`] held for leases that were not granted or not sent: `(worker,
+/// lease)` pairs.
+fn give_back<'a>(shared: &Shared, held: impl IntoIterator<Item = (&'a str, uuid::Uuid)>) {
     let mut reg = shared.registry();
-    for p in planned {
-        reg.free_slot(p.lease_id);
-        if let Some(conn) = reg.get_mut(&p.worker) {
+    for (worker, lease) in held {
+        reg.free_slot(lease);
+        if let Some(conn) = reg.get_mut(worker) {
             conn.credits = conn.credits.saturating_add(1);
         }
     }
@@ -434,7 +454,7 @@ async fn lease_budgeted(
             // An earlier grant of this pass may have taken the prover's last slot, or added
             // to the leases its budget counts.
             let reg = shared.registry();
-            if !reg.get(&p.id).is_some_and(|c| c.busy() < c.capacity && c.takes_work()) {
+            if !reg.get(&p.id).is_some_and(Conn::has_free_slot) {
                 continue;
             }
             p.slot_leases = reg.slot_leases(&p.id);
@@ -456,41 +476,20 @@ async fn lease_budgeted(
             prover_identity: ask.prover.as_ref().and_then(|p| p.identity.as_deref()),
         };
         let job = db::lease_in(tx, &request, &eligible).await?;
-        shared.dispatch_stats.lease_statements.fetch_add(1, Ordering::Relaxed);
-        let result = if job.is_some() { "hit" } else { "miss" };
-        metrics::counter!(proofmesh_core::telemetry::names::LEASE_STATEMENTS, "result" => result).increment(1);
+        counted(shared, job.is_some());
         let Some(job) = job else {
             // A WVG tries its next prover (a budget that binds here may not bind there).
             continue;
         };
         let inputs = match ask.kind {
-            JobKind::WitnessGeneration if job.job.aggregation_round > 0 => db::input_artifacts(tx, job.id).await?,
+            JobKind::WitnessGeneration if job.job.aggregation_round > 0 => db::inputs_of(tx, &[job.id]).await?.remove(&job.id).unwrap_or_default(),
             _ => job.input_key.clone().map(|k| vec![(k, 0)]).unwrap_or_default(),
         };
-        {
-            let mut reg = shared.registry();
-            if let Some(p) = &ask.prover {
-                reg.hold_slot(&p.id, job.lease_id);
-            }
-            if let Some(conn) = reg.get_mut(worker) {
-                conn.credits = conn.credits.saturating_sub(1);
-            }
-        }
+        hold(&mut shared.registry(), worker, ask.prover.as_ref(), job.lease_id);
         shared.dispatch_stats.leases.fetch_add(1, Ordering::Relaxed);
         return Ok(Some(Grant { worker: worker.to_string(), job, inputs, prover: ask.prover, identity: ask.identity }));
     }
     Ok(None)
-}
-
-/// Gives back what the registry held for grants whose transaction failed.
-fn undo(shared: &Shared, grants: &[Grant]) {
-    let mut reg = shared.registry();
-    for g in grants {
-        reg.free_slot(g.job.lease_id);
-        if let Some(conn) = reg.get_mut(&g.worker) {
-            conn.credits = conn.credits.saturating_add(1);
-        }
-    }
 }
 
 /// Sends a committed lease to its worker (and, TLS on, tells the matched prover whose witness
@@ -518,13 +517,7 @@ async fn send(shared: &Shared, grant: Grant) -> Result<(), db::DbError> {
     if !sent {
         // The worker left (or its stream is full) between the grant and the send: put it back,
         // and give back the credit the grant took.
-        {
-            let mut reg = shared.registry();
-            reg.free_slot(job.lease_id);
-            if let Some(conn) = reg.get_mut(&worker) {
-                conn.credits = conn.credits.saturating_add(1);
-            }
-        }
+        give_back(shared, [(worker.as_str(), job.lease_id)]);
         db::unlease(&shared.pool, job.lease_id).await?;
         shared.wake_dispatcher();
         return Ok(());

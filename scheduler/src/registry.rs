@@ -78,6 +78,11 @@ impl Conn {
     pub fn busy(&self) -> u32 {
         self.slots_used.max(self.reported_busy)
     }
+
+    /// Provers: whether it may take one more witness vector now (a slot free, not drained).
+    pub fn has_free_slot(&self) -> bool {
+        self.busy() < self.capacity && self.takes_work()
+    }
 }
 
 /// When a WVG may be matched with a prover of another zone.
@@ -205,7 +210,7 @@ impl Registry {
             versions && crate::groups::intersect(&wvg.pairs, &p.pairs).is_some()
         };
         let mut ranked: Vec<(u8, u32, &str)> = vec![];
-        for p in self.workers.values().filter(|p| p.role == Role::Prover && p.busy() < p.capacity && p.takes_work() && !p.quarantined && fits(p)) {
+        for p in self.workers.values().filter(|p| p.role == Role::Prover && p.has_free_slot() && !p.quarantined && fits(p)) {
             let locality = match (p.zone == wvg.zone, p.host == wvg.host) {
                 (true, true) => 0,
                 (true, false) => 1,

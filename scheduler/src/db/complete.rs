@@ -72,13 +72,13 @@ const CLAIM: &str = formatcp!(
     "WITH r AS (SELECT * FROM unnest($1::uuid[], $2::float8[], $3::text[], $4::text[]) WITH ORDINALITY
                 AS r(lease_id, compute_secs, by_conn, by_identity, ord)),
      l AS (SELECT r.*, le.job_id, le.outcome FROM r JOIN leases le ON le.lease_id = r.lease_id),
+     claimable AS (SELECT * FROM l WHERE outcome IS NULL OR outcome = {EXPIRED}),
      locked AS (SELECT j.id, j.lease_id AS current, j.leased_to AS holder FROM jobs j
-                WHERE j.id IN (SELECT job_id FROM l WHERE outcome IS NULL OR outcome = {EXPIRED})
-                  AND j.status IN ({LEASED}, {QUEUED})
+                WHERE j.id IN (SELECT job_id FROM claimable) AND j.status IN ({LEASED}, {QUEUED})
                 ORDER BY j.id FOR UPDATE),
-     old AS (SELECT DISTINCT ON (k.id) k.id, k.current, k.holder, l.lease_id AS winner, l.compute_secs, l.by_conn, l.by_identity
-             FROM locked k JOIN l ON l.job_id = k.id AND (l.outcome IS NULL OR l.outcome = {EXPIRED})
-             ORDER BY k.id, (l.lease_id = k.current) DESC, l.ord),
+     old AS (SELECT DISTINCT ON (k.id) k.id, k.current, k.holder, c.lease_id AS winner, c.compute_secs, c.by_conn, c.by_identity
+             FROM locked k JOIN claimable c ON c.job_id = k.id
+             ORDER BY k.id, (c.lease_id = k.current) DESC, c.ord),
      done AS (UPDATE jobs SET status = {SUCCEEDED}, finished_at = now(), compute_secs = old.compute_secs, lease_id = old.winner,
                               lease_deadline = NULL, error = NULL,
                               attempts = jobs.attempts - CASE WHEN old.current <> old.winner THEN 1 ELSE 0 END

@@ -149,12 +149,6 @@ impl<'a> LeaseAsk<'a> {
             prover_identity: None,
         }
     }
-
-    /// Whether no memory budget binds this ask: then a lease statement that finds nothing
-    /// proves its classes empty (nothing else can hold a job back).
-    pub fn unbudgeted(&self) -> bool {
-        self.budget_mib == 0 && self.prover_budget_mib == 0
-    }
 }
 
 /// How many of the most urgent eligible jobs one lease statement considers: the memory-budget rule
@@ -392,20 +386,6 @@ pub async fn lease(pool: &PgPool, ask: &LeaseAsk<'_>) -> Result<Option<LeasedJob
         return Ok(None);
     }
     lease_in(&mut conn, ask, &classes).await
-}
-
-/// The output keys and depths of a job's inputs, in input order.
-pub async fn input_artifacts(conn: &mut PgConnection, job_id: i64) -> Result<Vec<(String, i16)>, DbError> {
-    let rows = sqlx::query_as::<_, (Option<String>, i16)>(
-        "SELECT i.output_key, i.depth FROM job_inputs ji JOIN jobs i ON i.id = ji.input_job_id
-         WHERE ji.job_id = $1 ORDER BY ji.position",
-    )
-    .bind(job_id)
-    .fetch_all(&mut *conn)
-    .await?;
-    rows.into_iter()
-        .map(|(k, d)| Ok((k.ok_or_else(|| DbError::Invalid(format!("an input of job {job_id} has no output")))?, d)))
-        .collect()
 }
 
 /// Puts a lease that never reached its worker back in the queue, without counting the attempt.
