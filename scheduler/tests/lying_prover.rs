@@ -103,11 +103,15 @@ fn a_lying_prover_is_caught_its_jobs_proven_elsewhere_and_it_is_quarantined() {
         .unwrap();
     assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stdout));
 
-    // Every rejected lease's job was then proven by the honest prover; the liar has its strikes.
+    // Every rejected lease's job was then proven by the honest prover (the connection that
+    // handed the winning result in: `jobs.leased_to` names the WVG when the prover's take-over
+    // heartbeat came after its result); the liar has its strikes.
     let rejected: Vec<(i64, String)> = rt
         .block_on(
             sqlx::query_as(
-                "SELECT j.id, w.name FROM leases r JOIN jobs j ON j.id = r.job_id JOIN workers w ON w.id = j.leased_to
+                "SELECT j.id, w.name FROM leases r JOIN jobs j ON j.id = r.job_id
+                 JOIN leases won ON won.lease_id = j.lease_id AND won.outcome = 'succeeded'
+                 JOIN workers w ON w.id = won.completed_by
                  WHERE r.outcome = 'rejected' AND j.status = 'succeeded'",
             )
             .fetch_all(&pool),
