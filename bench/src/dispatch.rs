@@ -80,6 +80,7 @@ pub fn settings(geometry: Geometry) -> Settings {
         policy: Policy::default(),
         housekeeping: None,
         grpc: Default::default(),
+        db_pass_deadline: proofmesh_scheduler::DB_PASS_DEADLINE,
         tls: Default::default(),
         access: Default::default(),
         quarantine_after_strikes: 1,

@@ -76,18 +76,12 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
             }
         }
         let reports: Vec<&Report> = batch.iter().map(|p| &p.report).collect();
-        let results = match together(&shared, &reports).await {
+        let results = match bounded(&shared, &reports).await {
             Ok(results) => results,
-            Err(e) => {
-                if batch.len() > 1 {
-                    tracing::warn!(reports = batch.len(), "recording completions together failed ({e}): one by one");
-                }
-                let mut results = Vec::with_capacity(batch.len());
-                for report in &reports {
-                    results.push(db::complete(&shared.pool, report, &shared.settings).await);
-                }
-                results
-            }
+            // A connection that stopped answering: every report of the batch gets the error, and
+            // its worker sends it again (recording is idempotent, so a commit that did land
+            // before the deadline is answered `already recorded` then).
+            Err(e) => (0..batch.len()).map(|_| Err(copy(&e))).collect(),
         };
         for (p, result) in batch.into_iter().zip(results) {
             let _ = p.reply.send(result);
@@ -95,10 +89,45 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     }
 }
 
+/// The error of a batch that could not be recorded, for each of its reports (transient: its
+/// worker sends the report again).
+fn copy(e: &DbError) -> DbError {
+    DbError::Sql(sqlx::Error::Io(std::io::Error::other(e.to_string())))
+}
+
+/// Records `reports` on one connection within the pass deadline (`Settings::db_pass_deadline`;
+/// past it the connection is closed, as it may be half-open): together, or, if that fails,
+/// each alone. `Err`: no connection, or the deadline passed.
+async fn bounded(shared: &Shared, reports: &[&Report]) -> Result<Vec<Result<Completion, DbError>>, DbError> {
+    let deadline = shared.settings.db_pass_deadline;
+    let mut conn = db::pass_connection(&shared.pool, deadline).await?;
+    match tokio::time::timeout(deadline, record(shared, &mut conn, reports)).await {
+        Ok(results) => Ok(results),
+        Err(_) => Err(db::abandon(conn, deadline)),
+    }
+}
+
+/// Records `reports` together, or, if that fails, each in a transaction of its own.
+async fn record(shared: &Shared, conn: &mut sqlx::PgConnection, reports: &[&Report]) -> Vec<Result<Completion, DbError>> {
+    match together(shared, conn, reports).await {
+        Ok(results) => results,
+        Err(e) => {
+            if reports.len() > 1 {
+                tracing::warn!(reports = reports.len(), "recording completions together failed ({e}): one by one");
+            }
+            let mut results = Vec::with_capacity(reports.len());
+            for report in reports {
+                results.push(db::complete(&mut *conn, report, &shared.settings).await);
+            }
+            results
+        }
+    }
+}
+
 /// Records `reports` in one transaction ([`db::complete_many`]: one claim statement for all of
 /// them). `Err`: nothing was recorded.
-async fn together(shared: &Shared, reports: &[&Report]) -> Result<Vec<Result<Completion, DbError>>, DbError> {
-    let mut tx = shared.pool.begin().await?;
+async fn together(shared: &Shared, conn: &mut sqlx::PgConnection, reports: &[&Report]) -> Result<Vec<Result<Completion, DbError>>, DbError> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
     let results = db::complete_many(&mut tx, reports, &shared.settings).await?;
     tx.commit().await?;
     Ok(results)

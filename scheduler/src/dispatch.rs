@@ -39,8 +39,7 @@ pub const MAX_LEASES_PER_COMMIT: usize = 64;
 pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut classes: Vec<QueuedClass> = vec![];
     loop {
-        let passes = tokio::time::timeout(crate::DB_PASS_DEADLINE, dispatch_all(&shared, &mut classes));
-        let result = passes.await.unwrap_or_else(|_| Err(db::DbError::pass_timed_out()));
+        let result = bounded_passes(&shared, &mut classes).await;
         if let Err(e) = result {
             tracing::error!("dispatch: {e}");
             // A database error: try again on the next wake-up (or shortly, so nothing stalls),
@@ -52,6 +51,18 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
             _ = shared.wake.notified() => {}
             _ = cancel.cancelled() => return,
         }
+    }
+}
+
+/// [`dispatch_all`] on one connection, within the pass deadline (`Settings::db_pass_deadline`):
+/// a connection that stops answering (a partition) costs one deadline, is closed, and the next
+/// wake-up starts on a new one (issue 16 rule 7).
+async fn bounded_passes(shared: &Shared, classes: &mut Vec<QueuedClass>) -> Result<(), db::DbError> {
+    let deadline = shared.settings.db_pass_deadline;
+    let mut conn = db::pass_connection(&shared.pool, deadline).await?;
+    match tokio::time::timeout(deadline, dispatch_all(shared, &mut conn, classes)).await {
+        Ok(result) => result,
+        Err(_) => Err(db::abandon(conn, deadline)),
     }
 }
 
@@ -67,14 +78,13 @@ fn kind_of(role: Role) -> Option<JobKind> {
 
 /// Passes until one grants nothing. `classes` are the queued classes known from an earlier
 /// wake-up; they are read again first if the job state changed since.
-async fn dispatch_all(shared: &Shared, classes: &mut Vec<QueuedClass>) -> Result<(), db::DbError> {
+async fn dispatch_all(shared: &Shared, conn: &mut sqlx::PgConnection, classes: &mut Vec<QueuedClass>) -> Result<(), db::DbError> {
     loop {
         if shared.take_queue_changed() {
-            let mut conn = shared.pool.acquire().await?;
-            *classes = db::queued_classes(&mut conn).await?;
+            *classes = db::queued_classes(conn).await?;
             shared.dispatch_stats.class_reads.fetch_add(1, Ordering::Relaxed);
         }
-        if classes.is_empty() || pass(shared, classes).await? == 0 {
+        if classes.is_empty() || pass(shared, conn, classes).await? == 0 {
             return Ok(());
         }
     }
@@ -186,13 +196,13 @@ struct Grant {
 
 /// One pass: every ready worker with an eligible class gets at most one lease. Returns how many
 /// were granted (and sent or put back).
-async fn pass(shared: &Shared, classes: &mut Vec<QueuedClass>) -> Result<usize, db::DbError> {
+async fn pass(shared: &Shared, conn: &mut sqlx::PgConnection, classes: &mut Vec<QueuedClass>) -> Result<usize, db::DbError> {
     let ready = shared.registry().ready();
     let mut granted = 0;
     let mut workers = ready.iter();
     loop {
         let mut grants = vec![];
-        let chunk = grant_chunk(shared, classes, &mut workers, &mut grants).await;
+        let chunk = grant_chunk(shared, conn, classes, &mut workers, &mut grants).await;
         // A failed statement or commit: the leases of the chunk do not exist; give back what
         // was held for them in memory.
         if let Err(e) = chunk {
@@ -206,11 +216,11 @@ async fn pass(shared: &Shared, classes: &mut Vec<QueuedClass>) -> Result<usize, 
         // Every committed lease is sent (or put back), even if putting one back fails.
         let mut failed = None;
         for grant in grants {
-            if let Err(e) = send(shared, grant).await {
+            if let Err(e) = send(shared, conn, grant).await {
                 failed.get_or_insert(e);
             }
         }
-        shared.deadlines.notify_one();
+        shared.leases_granted();
         if let Some(e) = failed {
             return Err(e);
         }
@@ -229,6 +239,7 @@ async fn pass(shared: &Shared, classes: &mut Vec<QueuedClass>) -> Result<usize, 
 /// back before the error is returned.
 async fn grant_chunk(
     shared: &Shared,
+    conn: &mut sqlx::PgConnection,
     classes: &mut Vec<QueuedClass>,
     workers: &mut std::slice::Iter<'_, String>,
     grants: &mut Vec<Grant>,
@@ -247,7 +258,7 @@ async fn grant_chunk(
         return Ok(());
     }
     let mut planned: Vec<Planned> = vec![];
-    let result = grant_in(shared, classes, chunk, &mut planned, grants).await;
+    let result = grant_in(shared, conn, classes, chunk, &mut planned, grants).await;
     if result.is_err() {
         give_back(shared, planned.iter().map(|p| (p.worker.as_str(), p.lease_id)));
     }
@@ -267,12 +278,13 @@ struct Planned {
 /// granted (the caller gives it back on an error).
 async fn grant_in(
     shared: &Shared,
+    conn: &mut sqlx::PgConnection,
     classes: &mut Vec<QueuedClass>,
     chunk: Vec<(String, Vec<(Ask, Vec<QueuedClass>)>)>,
     planned: &mut Vec<Planned>,
     grants: &mut Vec<Grant>,
 ) -> Result<(), db::DbError> {
-    let mut tx = shared.pool.begin().await?;
+    let mut tx = sqlx::Connection::begin(conn).await?;
     let unbudgeted = |asks: &[(Ask, Vec<QueuedClass>)]| asks.iter().all(|(a, _)| a.unbudgeted());
     // How many workers of the chunk may take each class: that many of its jobs are read.
     let mut demand: std::collections::BTreeMap<QueuedClass, i64> = Default::default();
@@ -412,8 +424,8 @@ fn counted(shared: &Shared, hit: bool) {
     metrics::counter!(proofmesh_core::telemetry::names::LEASE_STATEMENTS, "result" => result).increment(1);
 }
 
-/// Holds, for a lease of `worker`'s, its matched prover's slot and one of its credits, so the
-/// next worker's match sees them.
+/// Holds, for a lease of `worker`'s, its matched prover's slot and one of its credits, and
+/// counts the lease as held by it ([`Conn::held`]), so the next worker's match sees them.
 fn hold(reg: &mut Registry, worker: &str, prover: Option<&MatchedProver>, lease: uuid::Uuid) {
     if let Some(p) = prover {
         reg.hold_slot(&p.id, lease);
@@ -421,6 +433,7 @@ fn hold(reg: &mut Registry, worker: &str, prover: Option<&MatchedProver>, lease:
     if let Some(conn) = reg.get_mut(worker) {
         conn.credits = conn.credits.saturating_sub(1);
     }
+    reg.hold_lease(worker, lease);
 }
 
 /// Gives back what [`hold`] held for leases that were not granted or not sent: `(worker,
@@ -429,6 +442,7 @@ fn give_back<'a>(shared: &Shared, held: impl IntoIterator<Item = (&'a str, uuid:
     let mut reg = shared.registry();
     for (worker, lease) in held {
         reg.free_slot(lease);
+        reg.release_lease(lease);
         if let Some(conn) = reg.get_mut(worker) {
             conn.credits = conn.credits.saturating_add(1);
         }
@@ -495,7 +509,7 @@ async fn lease_budgeted(
 /// Sends a committed lease to its worker (and, TLS on, tells the matched prover whose witness
 /// vector to accept); a worker that left meanwhile gets nothing and the lease goes back to the
 /// queue, its attempt not counted.
-async fn send(shared: &Shared, grant: Grant) -> Result<(), db::DbError> {
+async fn send(shared: &Shared, conn: &mut sqlx::PgConnection, grant: Grant) -> Result<(), db::DbError> {
     let Grant { worker, job, inputs, prover, identity } = grant;
     let mut lease = lease_message(&job, inputs);
     let sent = {
@@ -518,7 +532,7 @@ async fn send(shared: &Shared, grant: Grant) -> Result<(), db::DbError> {
         // The worker left (or its stream is full) between the grant and the send: put it back,
         // and give back the credit the grant took.
         give_back(shared, [(worker.as_str(), job.lease_id)]);
-        db::unlease(&shared.pool, job.lease_id).await?;
+        db::unlease(conn, job.lease_id).await?;
         shared.wake_dispatcher();
         return Ok(());
     }

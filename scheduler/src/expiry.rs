@@ -1,5 +1,6 @@
 //! The lease-expiry timer: one task that sleeps until the earliest lease deadline (or until a
-//! deadline may have moved earlier: a lease granted, a worker's stream ended) and then ends every
+//! deadline may have moved earlier than that: a lease granted while it sleeps with none out or
+//! longer than a lease timeout, a worker's stream ended) and then ends every
 //! lease past its deadline. A job whose lease expired is queued again with one more attempt, or
 //! fails with its batch past `max_attempts` (DESIGN.md section 4). Deadlines live in PostgreSQL,
 //! so a restarted scheduler expires what its predecessor leased, but not before every lease has
@@ -28,14 +29,8 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     loop {
         // Registered before reading the deadline, so a lease granted meanwhile is not missed.
         let moved = shared.deadlines.notified();
-        if !predecessor_ended {
-            // Once, when PostgreSQL first answers: the predecessor's connections are gone.
-            let current = shared.registry().ids();
-            predecessor_ended = db::end_old_connections(&shared.pool, &current).await.is_ok();
-        }
-        // Never longer than the deadline of one pass: a dead connection must not stop expiry.
-        let pass = async { after_outage(&shared).await.and(expire_due(&shared).await).and(db::next_deadline_secs(&shared.pool).await) };
-        let result = tokio::time::timeout(crate::DB_PASS_DEADLINE, pass).await.unwrap_or_else(|_| Err(DbError::pass_timed_out()));
+        shared.expiry_sleeps_for(None);
+        let result = bounded_pass(&shared, &mut predecessor_ended).await;
         let wait = match result {
             Ok(Some(secs)) => Duration::from_secs_f64(secs.max(0.0)) + Duration::from_millis(5),
             Ok(None) => IDLE,
@@ -45,6 +40,7 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
                 Duration::from_secs(1)
             }
         };
+        shared.expiry_sleeps_for(Some(wait));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = moved => {}
@@ -53,11 +49,37 @@ pub async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     }
 }
 
+/// [`pass`] on one connection, never longer than the pass deadline
+/// (`Settings::db_pass_deadline`): a connection that stops answering must not stop expiry; it
+/// is closed, and the next pass starts on a new one.
+async fn bounded_pass(shared: &Shared, predecessor_ended: &mut bool) -> Result<Option<f64>, DbError> {
+    let deadline = shared.settings.db_pass_deadline;
+    let mut conn = db::pass_connection(&shared.pool, deadline).await?;
+    match tokio::time::timeout(deadline, pass(shared, &mut conn, predecessor_ended)).await {
+        Ok(result) => result,
+        Err(_) => Err(db::abandon(conn, deadline)),
+    }
+}
+
+/// One pass: the predecessor's connections ended (once, when PostgreSQL first answers), the
+/// outage grace if due, the due leases expired. Returns the seconds until the next deadline
+/// (`None`: no lease out).
+async fn pass(shared: &Shared, conn: &mut sqlx::PgConnection, predecessor_ended: &mut bool) -> Result<Option<f64>, DbError> {
+    if !*predecessor_ended {
+        let current = shared.registry().ids();
+        db::end_old_connections(&mut *conn, &current).await?;
+        *predecessor_ended = true;
+    }
+    after_outage(shared, conn).await?;
+    expire_due(shared, conn).await?;
+    db::next_deadline_secs(conn).await
+}
+
 /// After an outage ([`Shared::outage`]: this scheduler just started, or PostgreSQL did not
 /// answer a renewal or this timer), gives every lease a lease timeout (at least the reconnect
 /// grace) before anything expires: the workers were heartbeating into a scheduler or a database that was not there.
 /// The flag is cleared only once the grace is written (the caller sets it again on any error).
-async fn after_outage(shared: &Shared) -> Result<(), DbError> {
+async fn after_outage(shared: &Shared, conn: &mut sqlx::PgConnection) -> Result<(), DbError> {
     if !shared.outage.swap(false, Ordering::SeqCst) {
         return Ok(());
     }
@@ -66,7 +88,7 @@ async fn after_outage(shared: &Shared) -> Result<(), DbError> {
     // (`make chaos --short`, 2 s of grace, spent attempts so). On an error the caller sets the
     // flag again.
     let grace = shared.settings.reconnect_grace_secs.max(shared.settings.lease_secs);
-    let n = db::outage_grace(&shared.pool, grace).await?;
+    let n = db::outage_grace(conn, grace).await?;
     if n > 0 {
         tracing::info!(leases = n, "after an outage, every lease has {grace:.0} s to be renewed before it can expire");
     }
@@ -74,8 +96,8 @@ async fn after_outage(shared: &Shared) -> Result<(), DbError> {
 }
 
 /// Ends every lease past its deadline; revokes it on the stream that still holds it (a hung worker).
-async fn expire_due(shared: &Shared) -> Result<(), DbError> {
-    let due = db::due_leases(&shared.pool).await?;
+async fn expire_due(shared: &Shared, conn: &mut sqlx::PgConnection) -> Result<(), DbError> {
+    let due = db::due_leases(&mut *conn).await?;
     if due.is_empty() {
         return Ok(());
     }
@@ -92,7 +114,7 @@ async fn expire_due(shared: &Shared) -> Result<(), DbError> {
             )
         });
         let reason = too_old.as_deref().unwrap_or(&silent);
-        let ended = match db::end_lease(&shared.pool, lease, reason, true, EndReason::Expired).await {
+        let ended = match db::end_lease(&mut *conn, lease, reason, true, EndReason::Expired).await {
             Ok(Some(ended)) => ended,
             // Renewed or finished since it was read.
             Ok(None) | Err(DbError::StaleLease(_)) => continue,

@@ -64,9 +64,10 @@ pub async fn migrate(pool: &sqlx::PgPool) -> Result<(), sqlx::migrate::MigrateEr
 /// lease expiry give a whole pass a little longer ([`DB_PASS_DEADLINE`]).
 pub const STATEMENT_TIMEOUT_SECS: u64 = 60;
 
-/// How long the dispatcher or the lease expiry waits for one pass over PostgreSQL before giving
-/// it up and trying again: a connection to a server that vanished without a reset (a partition)
-/// must not hang either for ever (issue 16 rule 7).
+/// How long the dispatcher, the lease expiry, a completion batch or a renewal tick waits for one
+/// pass over PostgreSQL before giving it up, closing its connection and trying again: a
+/// connection to a server that vanished without a reset (a partition) must not hang any of
+/// them for ever (issue 16 rule 7). The daemon's `Settings::db_pass_deadline`.
 pub const DB_PASS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(STATEMENT_TIMEOUT_SECS + 5);
 
 /// The options the scheduler connects to PostgreSQL at `url` with:

@@ -47,8 +47,8 @@ pub async fn renew_queued(shared: &Shared) {
     if queued.is_empty() {
         return;
     }
-    match db::renew_all(&shared.pool, &queued, shared.settings.lease_secs, &shared.settings.max_lease_age).await {
-        Ok(renewed) => renewed_effects(shared, &queued, &renewed).await,
+    match renew(shared, &queued).await {
+        Ok((renewed, spared)) => renewed_effects(shared, &queued, &renewed, &spared),
         Err(e) => {
             // Their deadlines may pass before PostgreSQL answers again: not the workers' fault.
             shared.outage.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -61,24 +61,35 @@ pub async fn renew_queued(shared: &Shared) {
 /// the leases that are not current (revoked there).
 pub async fn renew_now(shared: &Shared, worker: &str, leases: &[Uuid], take_over: bool) -> Result<Vec<Uuid>, DbError> {
     let requested: Vec<Renewal> = leases.iter().map(|&lease| Renewal { lease, worker: worker.to_string(), take_over }).collect();
-    let renewed = db::renew_all(&shared.pool, &requested, shared.settings.lease_secs, &shared.settings.max_lease_age).await?;
-    renewed_effects(shared, &requested, &renewed).await;
+    let (renewed, spared) = renew(shared, &requested).await?;
+    renewed_effects(shared, &requested, &renewed, &spared);
     Ok(leases.iter().copied().filter(|l| !renewed.contains(l)).collect())
+}
+
+/// Renews `requested` on one connection within the pass deadline (`Settings::db_pass_deadline`;
+/// past it the connection is closed, as it may be half-open). Returns the leases renewed, and
+/// among the others those to spare ([`db::spared`]: still current, or reported by their holder).
+async fn renew(shared: &Shared, requested: &[Renewal]) -> Result<(Vec<Uuid>, Vec<Uuid>), DbError> {
+    let deadline = shared.settings.db_pass_deadline;
+    let mut conn = db::pass_connection(&shared.pool, deadline).await?;
+    let pass = async {
+        let renewed = db::renew_all(&mut *conn, requested, shared.settings.lease_secs, &shared.settings.max_lease_age).await?;
+        let not_current: Vec<Uuid> = requested.iter().map(|r| r.lease).filter(|l| !renewed.contains(l)).collect();
+        let spared = if not_current.is_empty() { vec![] } else { db::spared(&mut *conn, &not_current).await? };
+        Ok::<_, DbError>((renewed, spared))
+    };
+    match tokio::time::timeout(deadline, pass).await {
+        Ok(result) => result,
+        Err(_) => Err(db::abandon(conn, deadline)),
+    }
 }
 
 /// After a renewal: a prover's renewed leases hold its slots (whatever the registry believed:
 /// it is rebuilt after a scheduler restart); a lease that was not current is revoked on the
-/// connection that named it, unless it is still current (skipped: another transaction held its
-/// row) or its holder reported it meanwhile (a heartbeat queued just before the report); on a
-/// database error nothing is revoked.
-async fn renewed_effects(shared: &Shared, requested: &[Renewal], renewed: &[Uuid]) {
+/// connection that named it, unless it is `spared` (still current: another transaction held its
+/// row; or its holder reported it meanwhile: a heartbeat queued just before the report).
+fn renewed_effects(shared: &Shared, requested: &[Renewal], renewed: &[Uuid], spared: &[Uuid]) {
     let renewed: std::collections::HashSet<&Uuid> = renewed.iter().collect();
-    let not_current: Vec<Uuid> = requested.iter().map(|r| r.lease).filter(|l| !renewed.contains(l)).collect();
-    let spared = if not_current.is_empty() {
-        vec![]
-    } else {
-        db::spared(&shared.pool, &not_current).await.unwrap_or_else(|_| not_current.clone())
-    };
     for r in requested {
         if renewed.contains(&r.lease) {
             if r.take_over {
@@ -97,7 +108,15 @@ pub async fn record(shared: &Shared) {
     if heard.is_empty() {
         return;
     }
-    if let Err(e) = db::seen(&shared.pool, &heard).await {
+    let deadline = shared.settings.db_pass_deadline;
+    let seen = async {
+        let mut conn = db::pass_connection(&shared.pool, deadline).await?;
+        match tokio::time::timeout(deadline, db::seen(&mut *conn, &heard)).await {
+            Ok(result) => result,
+            Err(_) => Err(db::abandon(conn, deadline)),
+        }
+    };
+    if let Err(e) = seen.await {
         tracing::warn!("recording heartbeats: {e}");
         shared.heard.lock().unwrap_or_else(|e| e.into_inner()).extend(heard);
     }

@@ -235,6 +235,7 @@ async fn main() -> anyhow::Result<()> {
             interval_secs: args.housekeeping_interval_secs.max(1.0),
         }),
         grpc: args.grpc.clone(),
+        db_pass_deadline: proofmesh_scheduler::DB_PASS_DEADLINE,
         tls: args.tls.clone(),
         quarantine_after_strikes: args.quarantine_after_strikes,
         access: proofmesh_scheduler::access::AccessPolicy {

@@ -1,8 +1,9 @@
 //! The connected workers: the only state the scheduler keeps in memory (it is rebuilt by the
 //! workers reconnecting). Holds each worker's credits (leases it can still take), each prover's
-//! free slots, and which prover slot each WVG lease holds.
+//! free slots, which prover slot each WVG lease holds, and which leases each worker holds.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use proofmesh_proto::v1::{Role, SchedulerMessage};
 use tokio::sync::mpsc;
@@ -41,8 +42,17 @@ pub struct Conn {
     pub memory_budget_mib: u64,
     /// Packed pairs whose setup data it reported loaded (Register, Heartbeat).
     pub loaded_setups: Vec<crate::groups::PackedPair>,
-    /// Leases it can still take.
+    /// Leases it can still take, as its `Credit` messages said (at most its capacity); only
+    /// [`Conn::grantable`] of them are used.
     pub credits: u32,
+    /// Leases granted to this connection (or re-attached by it) that have not ended, with when
+    /// it last named each (granted, re-attached, or in a heartbeat):
+    /// credits buy leases only up to `capacity` minus these (issue 16 rule 1), so a worker that
+    /// sends credits it does not have never holds more than its capacity. Not kept for provers
+    /// (their slots bound them). Ended by its report, any lease end ([`crate::state::Shared::apply`]),
+    /// a prover's take-over, or its heartbeats leaving it out for a lease timeout
+    /// ([`Registry::heard_leases`]).
+    pub held: HashMap<Uuid, Instant>,
     /// Provers: slots held by WVG leases.
     pub slots_used: u32,
     /// Provers: slots it said are proving in its last heartbeat (`Heartbeat.busy_slots`), less
@@ -79,6 +89,12 @@ impl Conn {
         self.slots_used.max(self.reported_busy)
     }
 
+    /// Leases it may be granted now: its credits, but never more than its capacity less the
+    /// leases it holds ([`Conn::held`]).
+    pub fn grantable(&self) -> u32 {
+        self.credits.min(self.capacity.saturating_sub(self.held.len() as u32))
+    }
+
     /// Provers: whether it may take one more witness vector now (a slot free, not drained).
     pub fn has_free_slot(&self) -> bool {
         self.busy() < self.capacity && self.takes_work()
@@ -100,6 +116,8 @@ pub struct Registry {
     workers: HashMap<String, Conn>,
     /// WVG lease -> the prover whose slot it holds.
     slots: HashMap<Uuid, String>,
+    /// Lease -> the connection whose [`Conn::held`] has it.
+    holders: HashMap<Uuid, String>,
 }
 
 impl Registry {
@@ -126,9 +144,13 @@ impl Registry {
         old.into_iter().filter_map(|id| self.remove(&id).map(|c| (id, c.ended))).collect()
     }
 
-    /// Removes a worker; the slots its WVG leases held on provers are freed.
+    /// Removes a worker; the slots its WVG leases held on provers are freed, and the leases it
+    /// held are no longer counted (a reconnect re-attaches them).
     pub fn remove(&mut self, id: &str) -> Option<Conn> {
         let conn = self.workers.remove(id)?;
+        for lease in conn.held.keys() {
+            self.holders.remove(lease);
+        }
         let held: Vec<Uuid> = self.slots.iter().filter(|(_, p)| p.as_str() == id).map(|(l, _)| *l).collect();
         for lease in held {
             self.slots.remove(&lease);
@@ -144,6 +166,44 @@ impl Registry {
     /// A worker by id, mutably.
     pub fn get_mut(&mut self, id: &str) -> Option<&mut Conn> {
         self.workers.get_mut(id)
+    }
+
+    /// Counts `lease` as held by `worker` (granted to it, or re-attached by it), moving it from
+    /// another connection that had it. A prover's is a take-over: the WVG that had it holds it
+    /// no more, and the prover's slots, not its credits, count it.
+    pub fn hold_lease(&mut self, worker: &str, lease: Uuid) {
+        self.release_lease(lease);
+        if let Some(c) = self.workers.get_mut(worker).filter(|c| c.role != Role::Prover) {
+            c.held.insert(lease, Instant::now());
+            self.holders.insert(lease, worker.to_string());
+        }
+    }
+
+    /// `lease` is no longer held by the connection that had it (it ended, was reported, or a
+    /// prover took it over). Returns whether a connection had it (it may take one more lease).
+    pub fn release_lease(&mut self, lease: Uuid) -> bool {
+        let Some(holder) = self.holders.remove(&lease) else { return false };
+        self.workers.get_mut(&holder).is_some_and(|c| c.held.remove(&lease).is_some())
+    }
+
+    /// A heartbeat from `worker` named `leases`. A prover's takes them over from the WVGs that
+    /// pushed them. Any other worker's renews its own, and drops those it has not named (nor
+    /// been granted or re-attached) for `unrenewed_for`: a lease it no longer renews is not held (the worker forgot it, or
+    /// lied; either way it expires within a lease timeout), so a report the scheduler never saw
+    /// cannot shrink the worker's credits for good. Returns whether a lease was dropped.
+    pub fn heard_leases(&mut self, worker: &str, leases: &[Uuid], unrenewed_for: Duration) -> bool {
+        let Some(conn) = self.workers.get_mut(worker) else { return false };
+        if conn.role == Role::Prover {
+            return leases.iter().fold(false, |any, &l| self.release_lease(l) || any);
+        }
+        let now = Instant::now();
+        for l in leases {
+            if let Some(at) = conn.held.get_mut(l) {
+                *at = now;
+            }
+        }
+        let forgotten: Vec<Uuid> = conn.held.iter().filter(|(_, at)| now - **at >= unrenewed_for).map(|(l, _)| *l).collect();
+        forgotten.iter().fold(false, |any, &l| self.release_lease(l) || any)
     }
 
     /// Every connected worker's id.
@@ -186,12 +246,12 @@ impl Registry {
         }
     }
 
-    /// Workers that take leases (not provers) and have credits, by id.
+    /// Workers that take leases (not provers) and may be granted one ([`Conn::grantable`]), by id.
     pub fn ready(&self) -> Vec<String> {
         let mut ids: Vec<String> = self
             .workers
             .values()
-            .filter(|c| c.credits > 0 && c.role != Role::Prover && c.takes_work())
+            .filter(|c| c.grantable() > 0 && c.role != Role::Prover && c.takes_work())
             .map(|c| c.id.clone())
             .collect();
         ids.sort();
@@ -298,6 +358,7 @@ mod tests {
             memory_budget_mib: 0,
             loaded_setups: vec![],
             credits: 1,
+            held: HashMap::new(),
             slots_used: 0,
             reported_busy: 0,
             draining: false,
@@ -350,5 +411,36 @@ mod tests {
         assert_eq!(r.provers_for(r.get("wvg").unwrap(), ZonePolicy::SameZoneOnly).first().map(String::as_str), Some("p-old"));
         r.hold_slot("p-old", Uuid::new_v4());
         assert_eq!(r.provers_for(r.get("wvg").unwrap(), ZonePolicy::SameZoneOnly).first(), None);
+    }
+
+    #[test]
+    fn held_leases_bound_the_grantable_credits_until_reported_taken_over_or_left_unrenewed() {
+        let mut r = Registry::default();
+        let mut wvg = conn("wvg", Role::Wvg, "a", "h1", 2);
+        wvg.credits = 2;
+        r.add(wvg);
+        r.add(conn("p", Role::Prover, "a", "h1", 4));
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        r.hold_lease("wvg", a);
+        r.hold_lease("wvg", b);
+        assert_eq!(r.get("wvg").unwrap().grantable(), 0);
+        assert!(r.ready().is_empty());
+        // The prover took `a` over (its heartbeat named it): the WVG may take one more.
+        assert!(r.heard_leases("p", &[a], Duration::from_secs(60)));
+        assert_eq!(r.get("wvg").unwrap().grantable(), 1);
+        assert_eq!(r.ready(), vec!["wvg".to_string()]);
+        // Its own heartbeat renews `b`; one that leaves it out drops it only after the limit.
+        assert!(!r.heard_leases("wvg", &[b], Duration::from_secs(60)));
+        assert!(!r.heard_leases("wvg", &[], Duration::from_secs(60)));
+        assert!(r.heard_leases("wvg", &[], Duration::ZERO));
+        assert_eq!(r.get("wvg").unwrap().grantable(), 2);
+        // A lease ended twice (a report, then its recorded end) is released once; a removed
+        // connection's leases leave the index with it.
+        r.hold_lease("wvg", a);
+        assert!(r.release_lease(a));
+        assert!(!r.release_lease(a));
+        r.hold_lease("wvg", b);
+        r.remove("wvg");
+        assert!(!r.release_lease(b));
     }
 }

@@ -1,7 +1,7 @@
 //! What every part of the scheduler shares: the database pool, the settings, the connected
 //! workers, and the two wake-up signals (work may be leasable; a batch changed).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use proofmesh_core::{ArtifactStore, Geometry};
@@ -111,6 +111,11 @@ pub struct Settings {
     pub housekeeping: Option<Housekeeping>,
     /// Limits of the gRPC server (message size, concurrency, deadlines, keepalive).
     pub grpc: proofmesh_proto::GrpcLimits,
+    /// The longest one pass over PostgreSQL may take (the dispatcher's, the lease expiry's, a
+    /// completion batch's, a renewal tick's, its connection's wait included): past it the pass
+    /// is given up, its connection closed (it may be half-open) and the pass tried again on a new
+    /// one ([`crate::DB_PASS_DEADLINE`] in the daemon; issue 16 rule 7).
+    pub db_pass_deadline: std::time::Duration,
     /// TLS (`--tls-*`): off by default.
     pub tls: proofmesh_proto::TlsArgs,
     /// Strikes (proofs handed in that did not verify) after which a worker name is quarantined
@@ -181,9 +186,13 @@ pub struct Shared {
     pub batch_events: broadcast::Sender<i64>,
     /// Where final proofs are read for `GetProof`.
     pub artifacts: Arc<dyn ArtifactStore>,
-    /// Woken when a lease deadline may have moved earlier (a lease granted, a worker gone), for
-    /// the expiry timer.
+    /// Woken when a lease deadline may have moved earlier than the expiry timer's wake-up (a
+    /// lease granted, a worker gone), for the expiry timer.
     pub deadlines: Notify,
+    /// When the expiry timer wakes next, Unix ms ([`Shared::expiry_sleeps_for`]); 0 while it
+    /// is reading the deadlines (every change wakes it then). A lease granted with a later
+    /// deadline is found at that wake-up, so it costs the timer no pass of its own.
+    expiry_wakes_at_ms: AtomicU64,
     /// Leases may have gone without renewal through no fault of their workers: set at start-up
     /// (the scheduler was down) and whenever a renewal or the expiry timer could not reach
     /// PostgreSQL; the expiry timer gives every lease the reconnect grace before it expires
@@ -207,8 +216,27 @@ impl Shared {
             batch_events: broadcast::channel(1024).0,
             artifacts,
             deadlines: Notify::new(),
+            expiry_wakes_at_ms: AtomicU64::new(0),
             outage: AtomicBool::new(true),
         })
+    }
+
+    /// Leases were granted (their deadlines a lease timeout from now): wakes the expiry timer
+    /// only if it would sleep past that. Both sides are this process's clock, so a skew of
+    /// PostgreSQL's clock does not matter (only elapsed time is compared).
+    pub fn leases_granted(&self) {
+        let deadline = unix_ms() + (self.settings.lease_secs * 1000.0) as u64;
+        let wakes_at = self.expiry_wakes_at_ms.load(Ordering::SeqCst);
+        if wakes_at == 0 || deadline < wakes_at {
+            self.deadlines.notify_one();
+        }
+    }
+
+    /// The expiry timer: it sleeps for `sleep` from now (`None`: it is awake, reading the
+    /// deadlines, and every change must wake it).
+    pub fn expiry_sleeps_for(&self, sleep: Option<std::time::Duration>) {
+        let wakes_at = sleep.map_or(0, |d| (unix_ms() + d.as_millis() as u64).max(1));
+        self.expiry_wakes_at_ms.store(wakes_at, Ordering::SeqCst);
     }
 
     /// The registry (a poisoned lock means a panic while holding it: a bug; we go on with it).
@@ -250,13 +278,15 @@ impl Shared {
 
     /// Applies a lease's end outside the database, the same way for every caller (reports,
     /// expiry, operators, late results, rejected proofs): counts it in `proofmesh_jobs_total`
-    /// with its outcome; frees its prover slot, or, when it was taken away from a holder that
+    /// with its outcome; no connection holds it any more ([`crate::registry::Conn::held`]);
+    /// frees its prover slot, or, when it was taken away from a holder that
     /// did not report ([`LeaseEnd::taken_from`]), revokes it there ([`Shared::take_away`]);
     /// tells `WatchBatch` streams; wakes the dispatcher (the job may be queued again, a slot
     /// or a credit is free).
     pub fn apply(&self, end: LeaseEnd<'_>) {
         crate::telemetry::lease_ended(end.job, end.outcome.as_str());
         if let Some(lease) = end.lease {
+            self.registry().release_lease(lease);
             match end.taken_from {
                 Some((holder, reason)) => self.take_away(lease, holder, reason),
                 None => {
@@ -318,4 +348,9 @@ pub struct DispatchStats {
     pub leases: std::sync::atomic::AtomicU64,
     /// Reads of the queued classes.
     pub class_reads: std::sync::atomic::AtomicU64,
+}
+
+/// Now, as Unix milliseconds.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -105,36 +105,44 @@ impl v1::scheduler_server::Scheduler for WorkService {
             .iter()
             .map(|v| v.to_core().ok_or_else(|| Status::invalid_argument("a protocol version's minor and patch are below 65536")))
             .collect::<Result<Vec<_>, _>>()?;
-        if !versions.is_empty() {
-            let known = db::known_versions(&self.shared.pool).await.map_err(internal)?;
-            for v in &versions {
-                if !known.contains(&(i32::from(v.minor), i32::from(v.patch))) {
-                    return Err(Status::invalid_argument(format!(
-                        "protocol version {v} is not registered with this scheduler (Admin.ListProtocolVersions; \
-                         an operator registers it with Admin.RegisterProtocolVersion)"
-                    )));
-                }
-            }
-        }
         let id = format!("{}-{}", role_name(role), &Uuid::new_v4().simple().to_string()[..12]);
         let name = if reg.name.is_empty() { id.clone() } else { reg.name.clone() };
         let endpoint = (!reg.prover_endpoint.is_empty()).then_some(reg.prover_endpoint.as_str());
-        db::register_worker(
-            &self.shared.pool,
-            &id,
-            &name,
-            role_name(role),
-            &reg.zone,
-            &reg.region,
-            &reg.host,
-            reg.capacity,
-            endpoint,
-            identity.as_deref(),
-        )
-        .await
-        .map_err(internal)?;
+        // On one connection, within the pass deadline: a database that stops answering fails
+        // the registration (the worker tries again) instead of holding it for ever.
+        let deadline = self.shared.settings.db_pass_deadline;
+        let mut conn = db::pass_connection(&self.shared.pool, deadline).await.map_err(internal)?;
+        let recorded = async {
+            if !versions.is_empty() {
+                let known = db::known_versions(&mut *conn).await?;
+                if let Some(v) = versions.iter().find(|v| !known.contains(&(i32::from(v.minor), i32::from(v.patch)))) {
+                    return Ok(Err(Status::invalid_argument(format!(
+                        "protocol version {v} is not registered with this scheduler (Admin.ListProtocolVersions; \
+                         an operator registers it with Admin.RegisterProtocolVersion)"
+                    ))));
+                }
+            }
+            db::register_worker(
+                &mut *conn,
+                &id,
+                &name,
+                role_name(role),
+                &reg.zone,
+                &reg.region,
+                &reg.host,
+                reg.capacity,
+                endpoint,
+                identity.as_deref(),
+            )
+            .await?;
+            Ok::<_, DbError>(Ok(db::holds(&mut *conn, &name).await?))
+        };
+        let (quarantined, drained) = match tokio::time::timeout(deadline, recorded).await {
+            Ok(result) => result.map_err(internal)??,
+            Err(_) => return Err(internal(db::abandon(conn, deadline))),
+        };
+        drop(conn);
 
-        let (quarantined, drained) = db::holds(&self.shared.pool, &name).await.map_err(internal)?;
         if quarantined {
             tracing::warn!(worker = %id, name, "registered while quarantined: it gets nothing until Admin.ReleaseWorker");
         }
@@ -170,6 +178,7 @@ impl v1::scheduler_server::Scheduler for WorkService {
             memory_budget_mib: reg.memory_budget_mib,
             loaded_setups: crate::groups::pack_all(&reg.loaded_setups),
             credits: 0,
+            held: Default::default(),
             slots_used: 0,
             reported_busy: 0,
             draining: false,
@@ -184,6 +193,11 @@ impl v1::scheduler_server::Scheduler for WorkService {
         if !held.is_empty() {
             // Re-attach: the leases still current become this stream's; a prover's hold its slots again.
             let stale = renew(&self.shared, &id, identity.as_deref(), &held, true).await.map_err(internal)?;
+            let mut reg = self.shared.registry();
+            for lease in held.iter().filter(|l| !stale.contains(l)) {
+                reg.hold_lease(&id, *lease);
+            }
+            drop(reg);
             tracing::info!(worker = %id, reattached = held.len() - stale.len(), revoked = stale.len(), "leases re-attached");
         }
         tracing::info!(worker = %id, name, role = role_name(role), zone = reg.zone, host = reg.host, identity = identity.as_deref().unwrap_or(""), "registered");
@@ -279,12 +293,15 @@ async fn serve_worker(
                         conn.reported_busy = busy;
                     }
                 }
+                let leases = parse_leases(&h.lease_ids);
+                let unrenewed_for = std::time::Duration::from_secs_f64(shared.settings.lease_secs);
+                freed |= shared.registry().heard_leases(id, &leases, unrenewed_for);
                 if freed {
                     shared.wake_for_capacity();
                 }
                 shared.heard_from(id);
                 // A missed renewal is made good by the next heartbeat, well before the deadline.
-                if let Err(e) = renew(shared, id, identity, &parse_leases(&h.lease_ids), false).await {
+                if let Err(e) = renew(shared, id, identity, &leases, false).await {
                     tracing::error!(worker = %id, "renewing leases: {e}");
                 }
             }
@@ -296,7 +313,7 @@ async fn serve_worker(
                 tracing::info!(worker = %id, "draining: no more leases or witness vectors");
             }
             Some(worker_message::Msg::Completed(c)) => {
-                prover_slot_freed(shared, id);
+                reported(shared, id, &c.lease_id);
                 let lease = c.lease_id.clone();
                 match completed(shared, id, identity, c, outbox).await {
                     Ok(()) => {}
@@ -305,7 +322,7 @@ async fn serve_worker(
                 }
             }
             Some(worker_message::Msg::Failed(mut f)) => {
-                prover_slot_freed(shared, id);
+                reported(shared, id, &f.lease_id);
                 f.error = db::storable_text(&f.error).into_owned();
                 let lease = f.lease_id.clone();
                 match failed(shared, id, identity, f, outbox).await {
@@ -321,10 +338,16 @@ async fn serve_worker(
     }
 }
 
-/// A prover's report ends a proving: one of the slots it last said were busy is free now
-/// (before its next heartbeat says so).
-fn prover_slot_freed(shared: &Shared, id: &str) {
-    if let Some(conn) = shared.registry().get_mut(id).filter(|c| c.role == Role::Prover) {
+/// A report of `lease` from connection `id`, as it arrives (before it is recorded): whoever
+/// held the lease holds it no more (the reporter stopped working on it, and a credit it sends
+/// next may buy a lease at once: [`crate::registry::Conn::held`]); and a prover's report ends a
+/// proving, so one of the slots it last said were busy is free (before its next heartbeat says so).
+fn reported(shared: &Shared, id: &str, lease: &str) {
+    let mut reg = shared.registry();
+    if let Some(lease) = parse_lease(lease) {
+        reg.release_lease(lease);
+    }
+    if let Some(conn) = reg.get_mut(id).filter(|c| c.role == Role::Prover) {
         conn.reported_busy = conn.reported_busy.saturating_sub(1);
     }
 }

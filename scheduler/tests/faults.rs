@@ -645,3 +645,64 @@ async fn a_reconnect_of_the_same_process_replaces_its_half_open_stream() {
     let next = new.lease().await;
     assert_eq!(next.job.map(|j| j.batch_number), Some(22));
 }
+
+/// Issue 16 rule 7: PostgreSQL stops answering on every connection the scheduler has, without
+/// closing any (a partition), while a worker holds a lease and hands its result in; then new
+/// connections get through again. Every pass over the database (dispatch, lease expiry, the
+/// renewal tick, the completion batch, a registration) gives its dead connection up at the pass
+/// deadline and goes on on a new one: the result is recorded (the worker sends it again on a new
+/// stream), no attempt is spent, and the next batch is leased. Before, the renewal tick and the
+/// completion batch waited on the dead connections for ever (and sqlx's release check of a
+/// connection dropped mid-query pinged it for ever, holding a pool slot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_stops_answering_holds_nothing_up_past_the_pass_deadline() {
+    let (direct, url) = fresh_database().await;
+    let (scheme_user, rest) = url.split_once('@').expect("DATABASE_URL names user@host:port");
+    let (target, db_name) = rest.split_once('/').expect("DATABASE_URL ends with /dbname");
+    let proxy = PartitionProxy::start(target.to_string()).await;
+    let proxied = format!("{scheme_user}@{}/{db_name}", proxy.addr);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_with(proofmesh_scheduler::connect_options(&proxied).unwrap())
+        .await
+        .unwrap();
+    let deadline = Duration::from_secs(2);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let settings = Settings { lease_secs: 4.0, reconnect_grace_secs: 2.0, heartbeat_ms: 200, db_pass_deadline: deadline, ..settings() };
+    let s = serve_on(pool, settings, listener);
+    let stop = CancellationToken::new();
+    let (client, leases) = LeaseClient::start(registration(&s.url, 1), stop.clone());
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let drain = CancellationToken::new();
+    let runner = tokio::spawn(runner::run(client.clone(), leases, Arc::new(Gate(gate.clone())), drain.clone(), Duration::from_secs(5), Duration::from_secs(60)));
+    submit(&s.url, 3).await;
+    wait_for("the lease", || async { round0_status(&direct, 3).await == "leased" }).await;
+
+    // The job finishes while its row is locked elsewhere, so the claim of its result waits in
+    // PostgreSQL; the network goes meanwhile, and the claim's answer never comes back.
+    let mut lock = direct.begin().await.unwrap();
+    sqlx::query("SELECT id FROM jobs WHERE batch_number = 3 AND aggregation_round = 0 FOR UPDATE").fetch_all(&mut *lock).await.unwrap();
+    gate.notify_one();
+    wait_for("the claim to wait on the row", || async {
+        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted").fetch_one(&direct).await.unwrap();
+        waiting > 0
+    })
+    .await;
+    proxy.cut();
+    lock.commit().await.unwrap();
+    tokio::time::sleep(deadline * 2).await;
+    proxy.heal();
+    wait_for("the completion after the cut", || async { round0_status(&direct, 3).await == "succeeded" }).await;
+    assert_eq!(round0_attempts(&direct, 3).await.1, 1, "the cut cost an attempt");
+    assert_eq!(round0_leases(&direct, 3).await, vec![(Some("succeeded".into()), 1)]);
+
+    // The dispatcher and the batcher go on: the next batch is leased and recorded.
+    submit(&s.url, 4).await;
+    wait_for("the next lease", || async { round0_status(&direct, 4).await == "leased" }).await;
+    gate.notify_one();
+    wait_for("the next completion", || async { round0_status(&direct, 4).await == "succeeded" }).await;
+    drain.cancel();
+    runner.await.unwrap();
+    stop.cancel();
+}

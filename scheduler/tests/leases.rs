@@ -176,3 +176,41 @@ async fn credits_are_capped_at_the_capacity_and_capacity_by_the_scheduler() {
         assert!(refused.message().contains("--max-worker-capacity"), "{}", refused.message());
     }
 }
+
+/// Issue 16 rule 1: credits buy leases only up to the capacity less the leases held. Before, a
+/// worker of capacity 2 holding two leases that sent more credits was leased two more (and two
+/// more after that, for every credit message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_never_buy_more_leases_than_the_capacity_less_those_held() {
+    let s = start_scheduler(Geometry::small(), ZonePolicy::SameZoneOnly).await;
+    for n in 1..=5 {
+        submit(&s.url, n).await;
+    }
+    let mut greedy = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h", 2, "")).await;
+    greedy.credit(2);
+    let first = greedy.lease().await;
+    let second = greedy.lease().await;
+    greedy.heartbeat(&[&first.lease_id, &second.lease_id]);
+    greedy.credit(2);
+    assert!(greedy.next(Duration::from_millis(700)).await.is_none(), "a lease past capacity 2 while holding two");
+    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'leased'").fetch_one(&s.shared.pool).await.unwrap();
+    assert_eq!(held, 2);
+
+    // A report frees its lease's place at once: the credits already sent buy one more lease,
+    // and only one (the other is still held).
+    greedy.fail(&first.lease_id, true);
+    let third = greedy.lease().await;
+    assert_ne!(third.lease_id, first.lease_id);
+    assert!(greedy.next(Duration::from_millis(700)).await.is_none(), "a lease past capacity 2 after one report");
+
+    // A reconnect re-attaching both leases it holds is held to the same bound.
+    drop(greedy);
+    tokio::time::sleep(Duration::from_millis(300)).await; // the scheduler sees the old stream end
+    let mut again = register(Role::WitnessGenerator, "a", "h", 2, "");
+    again.held_leases = vec![second.lease_id.clone(), third.lease_id.clone()];
+    let mut back = RawWorker::connect(&s.url, again).await;
+    back.credit(2);
+    assert!(back.next(Duration::from_millis(700)).await.is_none(), "a lease past capacity 2 after re-attaching two");
+    back.fail(&second.lease_id, true);
+    back.lease().await;
+}

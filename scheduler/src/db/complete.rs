@@ -272,8 +272,8 @@ async fn finish(conn: &mut PgConnection, report: &Report, row: ClaimRow, setting
 }
 
 /// [`complete_in`] in a transaction of its own.
-pub async fn complete(pool: &PgPool, report: &Report, settings: &Settings) -> Result<Completion, DbError> {
-    let mut tx = pool.begin().await?;
+pub async fn complete<'c>(db: impl sqlx::Acquire<'c, Database = sqlx::Postgres>, report: &Report, settings: &Settings) -> Result<Completion, DbError> {
+    let mut tx = db.begin().await?;
     let done = complete_in(&mut tx, report, settings).await?;
     tx.commit().await?;
     Ok(done)
@@ -285,14 +285,14 @@ pub async fn complete(pool: &PgPool, report: &Report, settings: &Settings) -> Re
 /// fails with `error` and so does its batch (its unfinished jobs stop; the batch's error names
 /// the job, the attempts and the last error). Refused with [`DbError::StaleLease`] unless `lease`
 /// is current; `Ok(None)` when this failure was recorded before.
-pub async fn end_lease(
-    pool: &PgPool,
+pub async fn end_lease<'c>(
+    db: impl sqlx::Acquire<'c, Database = sqlx::Postgres>,
     lease: Uuid,
     error: &str,
     retryable: bool,
     reason: EndReason,
 ) -> Result<Option<Ended>, DbError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     let expired = reason == EndReason::Expired;
     let handed_back = reason == EndReason::HandedBack;
     let row = sqlx::query_as::<_, (i64, String, Option<String>, String, i16, i16, i16, i32, i32)>(

@@ -389,7 +389,7 @@ pub async fn lease(pool: &PgPool, ask: &LeaseAsk<'_>) -> Result<Option<LeasedJob
 }
 
 /// Puts a lease that never reached its worker back in the queue, without counting the attempt.
-pub async fn unlease(pool: &PgPool, lease_id: Uuid) -> Result<(), DbError> {
+pub async fn unlease<'c>(ex: impl sqlx::PgExecutor<'c>, lease_id: Uuid) -> Result<(), DbError> {
     sqlx::query(
         formatcp!("WITH j AS (UPDATE jobs SET status = {QUEUED}, lease_id = NULL, leased_to = NULL, lease_deadline = NULL,
                                     attempts = attempts - 1, queued_at = now()
@@ -397,7 +397,7 @@ pub async fn unlease(pool: &PgPool, lease_id: Uuid) -> Result<(), DbError> {
          UPDATE leases SET outcome = {UNSENT}, ended_at = now() WHERE lease_id = $1 AND outcome IS NULL"),
     )
     .bind(lease_id)
-    .execute(pool)
+    .execute(ex)
     .await?;
     Ok(())
 }

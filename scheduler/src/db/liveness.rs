@@ -47,7 +47,7 @@ const MAX_AGE: &str = "CASE jobs.kind WHEN 'witness_generation' THEN $5 WHEN 'pr
 /// cannot take a lease back from the prover it handed it to. A lease named twice (a WVG and its
 /// prover in the same tick) is renewed once, the prover's way. Returns the leases renewed; the
 /// others are not current (expired and leased again, or finished), for the caller to revoke.
-pub async fn renew_all(pool: &PgPool, renewals: &[Renewal], lease_secs: f64, max_age: &MaxLeaseAge) -> Result<Vec<Uuid>, DbError> {
+pub async fn renew_all<'c>(ex: impl sqlx::PgExecutor<'c>, renewals: &[Renewal], lease_secs: f64, max_age: &MaxLeaseAge) -> Result<Vec<Uuid>, DbError> {
     let mut one: std::collections::HashMap<Uuid, &Renewal> = std::collections::HashMap::new();
     for r in renewals {
         let e = one.entry(r.lease).or_insert(r);
@@ -83,26 +83,26 @@ pub async fn renew_all(pool: &PgPool, renewals: &[Renewal], lease_secs: f64, max
         .bind(max_age.witness_generation)
         .bind(max_age.proving)
         .bind(max_age.compression)
-        .fetch_all(pool)
+        .fetch_all(ex)
         .await?)
 }
 
 /// The leases among `leases` (not renewed) that must not be revoked: still current (their job
 /// row was held by another transaction, so the renewal skipped it), or ended by their holder's
 /// own report (succeeded, failed, handed back: a heartbeat that raced its report names them).
-pub async fn spared(pool: &PgPool, leases: &[Uuid]) -> Result<Vec<Uuid>, DbError> {
+pub async fn spared<'c>(ex: impl sqlx::PgExecutor<'c>, leases: &[Uuid]) -> Result<Vec<Uuid>, DbError> {
     const SQL: &str = formatcp!(
         "SELECT lease_id FROM leases WHERE lease_id = ANY($1) AND outcome IN ({SUCCEEDED}, {FAILED}, {HANDED_BACK})
          UNION SELECT lease_id FROM jobs WHERE lease_id = ANY($1) AND status = {LEASED}"
     );
-    Ok(sqlx::query_scalar(SQL).bind(leases).fetch_all(pool).await?)
+    Ok(sqlx::query_scalar(SQL).bind(leases).fetch_all(ex).await?)
 }
 
 /// Records that the connections `workers` were heard from (their heartbeats since the last
 /// call): one statement for the whole fleet, once per heartbeat interval
 /// ([`crate::liveness`]), instead of a commit per heartbeat.
-pub async fn seen(pool: &PgPool, workers: &[String]) -> Result<(), DbError> {
-    sqlx::query("UPDATE workers SET last_seen = now() WHERE id = ANY($1)").bind(workers).execute(pool).await?;
+pub async fn seen<'c>(ex: impl sqlx::PgExecutor<'c>, workers: &[String]) -> Result<(), DbError> {
+    sqlx::query("UPDATE workers SET last_seen = now() WHERE id = ANY($1)").bind(workers).execute(ex).await?;
     Ok(())
 }
 
@@ -110,10 +110,10 @@ pub async fn seen(pool: &PgPool, workers: &[String]) -> Result<(), DbError> {
 /// with it already), belong to its predecessor (stopped or killed), whose streams are gone;
 /// they are marked ended, so a reconnecting worker's heartbeats re-attach their leases.
 /// Returns how many.
-pub async fn end_old_connections(pool: &PgPool, current: &[String]) -> Result<u64, DbError> {
+pub async fn end_old_connections<'c>(ex: impl sqlx::PgExecutor<'c>, current: &[String]) -> Result<u64, DbError> {
     Ok(sqlx::query("UPDATE workers SET disconnected_at = now() WHERE disconnected_at IS NULL AND NOT (id = ANY($1))")
         .bind(current)
-        .execute(pool)
+        .execute(ex)
         .await?
         .rows_affected())
 }
@@ -122,13 +122,13 @@ pub async fn end_old_connections(pool: &PgPool, current: &[String]) -> Result<u6
 /// at least `grace_secs` from now, so its worker can reconnect and renew it before anything
 /// expires (issue 16 rule 7: an outage of the cluster costs no attempt). Returns how many
 /// deadlines moved.
-pub async fn outage_grace(pool: &PgPool, grace_secs: f64) -> Result<u64, DbError> {
+pub async fn outage_grace<'c>(ex: impl sqlx::PgExecutor<'c>, grace_secs: f64) -> Result<u64, DbError> {
     Ok(sqlx::query(formatcp!(
         "UPDATE jobs SET lease_deadline = now() + make_interval(secs => $1)
          WHERE status = {LEASED} AND lease_deadline < now() + make_interval(secs => $1)"
     ))
     .bind(grace_secs)
-    .execute(pool)
+    .execute(ex)
     .await?
     .rows_affected())
 }
@@ -146,29 +146,29 @@ pub struct DueLease {
 }
 
 /// The leases whose deadline has passed.
-pub async fn due_leases(pool: &PgPool) -> Result<Vec<DueLease>, DbError> {
+pub async fn due_leases<'c>(ex: impl sqlx::PgExecutor<'c>) -> Result<Vec<DueLease>, DbError> {
     Ok(sqlx::query_as(formatcp!(
         "SELECT lease_id, kind, COALESCE(extract(epoch FROM now() - leased_at), 0)::float8 AS age_secs
          FROM jobs WHERE status = {LEASED} AND lease_deadline <= now()"
     ))
-    .fetch_all(pool)
+    .fetch_all(ex)
     .await?)
 }
 
 /// Seconds until the earliest lease deadline (negative if one has passed), or `None` when no
 /// job is leased.
-pub async fn next_deadline_secs(pool: &PgPool) -> Result<Option<f64>, DbError> {
+pub async fn next_deadline_secs<'c>(ex: impl sqlx::PgExecutor<'c>) -> Result<Option<f64>, DbError> {
     Ok(sqlx::query_scalar(
         formatcp!("SELECT extract(epoch FROM min(lease_deadline) - now())::float8 FROM jobs WHERE status = {LEASED}"),
     )
-    .fetch_one(pool)
+    .fetch_one(ex)
     .await?)
 }
 
 /// Records a worker's registration.
 #[allow(clippy::too_many_arguments)]
-pub async fn register_worker(
-    pool: &PgPool,
+pub async fn register_worker<'c>(
+    ex: impl sqlx::PgExecutor<'c>,
     id: &str,
     name: &str,
     role: &str,
@@ -192,7 +192,7 @@ pub async fn register_worker(
     .bind(capacity as i32)
     .bind(prover_endpoint)
     .bind(identity)
-    .execute(pool)
+    .execute(ex)
     .await?;
     Ok(())
 }

@@ -30,6 +30,22 @@ pub use quarantine::*;
 pub use submit::*;
 pub use versions::*;
 
+/// A connection of `pool` for one pass that must end within `deadline` (the dispatcher's, the
+/// lease expiry's, a completion batch's, a renewal tick's): waits at most `deadline` for it.
+/// Errors: none free within it, or the pool's own error.
+pub async fn pass_connection(pool: &PgPool, deadline: std::time::Duration) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, DbError> {
+    Ok(tokio::time::timeout(deadline, pool.acquire()).await.map_err(|_| DbError::pass_timed_out(deadline))??)
+}
+
+/// A pass on `conn` did not end within `deadline`: `conn` may be half-open (a partition, a
+/// server gone without a reset), so it is closed here rather than given back to the pool, whose
+/// release check (a ping) would wait on it for ever and hold a pool slot meanwhile (sqlx
+/// `PoolConnection::return_to_pool`). Returns the pass's error ([`DbError::pass_timed_out`]).
+pub fn abandon(conn: sqlx::pool::PoolConnection<sqlx::Postgres>, deadline: std::time::Duration) -> DbError {
+    drop(conn.detach());
+    DbError::pass_timed_out(deadline)
+}
+
 /// A database error, or a request the job state refuses.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -52,10 +68,10 @@ pub enum DbError {
 }
 
 impl DbError {
-    /// A pass over PostgreSQL that took longer than [`crate::DB_PASS_DEADLINE`] and was given up
-    /// (a transient error: the pass is tried again).
-    pub fn pass_timed_out() -> DbError {
-        let message = format!("no answer from PostgreSQL within {:?}: the pass is given up and tried again", crate::DB_PASS_DEADLINE);
+    /// A pass over PostgreSQL that took longer than `deadline` (`Settings::db_pass_deadline`)
+    /// and was given up (a transient error: the pass is tried again).
+    pub fn pass_timed_out(deadline: std::time::Duration) -> DbError {
+        let message = format!("no answer from PostgreSQL within {deadline:?}: the pass is given up and tried again");
         DbError::Sql(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, message)))
     }
 

@@ -5,13 +5,13 @@
 use super::*;
 
 /// Whether worker name `name` is `(quarantined, drained by an operator)`.
-pub async fn holds(pool: &PgPool, name: &str) -> Result<(bool, bool), DbError> {
+pub async fn holds<'c>(ex: impl sqlx::PgExecutor<'c>, name: &str) -> Result<(bool, bool), DbError> {
     Ok(sqlx::query_as(
         "SELECT EXISTS (SELECT 1 FROM quarantined_workers WHERE worker_name = $1),
                 EXISTS (SELECT 1 FROM drained_workers WHERE worker_name = $1)",
     )
     .bind(name)
-    .fetch_one(pool)
+    .fetch_one(ex)
     .await?)
 }
 

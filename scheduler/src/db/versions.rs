@@ -40,8 +40,8 @@ pub async fn protocol_versions(pool: &PgPool) -> Result<Vec<VersionRow>, DbError
 
 /// Every known version as `(minor, patch)`, active or retired: what a worker may declare. One
 /// read of the small table (no counts), for registrations.
-pub async fn known_versions(pool: &PgPool) -> Result<Vec<(i32, i32)>, DbError> {
-    Ok(sqlx::query_as("SELECT minor, patch FROM protocol_versions").fetch_all(pool).await?)
+pub async fn known_versions<'c>(ex: impl sqlx::PgExecutor<'c>) -> Result<Vec<(i32, i32)>, DbError> {
+    Ok(sqlx::query_as("SELECT minor, patch FROM protocol_versions").fetch_all(ex).await?)
 }
 
 async fn version(pool: &PgPool, minor: i32, patch: i32) -> Result<Option<VersionRow>, DbError> {

@@ -64,6 +64,7 @@ pub fn settings() -> Settings {
         policy: Default::default(),
         housekeeping: None,
         grpc: Default::default(),
+        db_pass_deadline: proofmesh_scheduler::DB_PASS_DEADLINE,
         tls: Default::default(),
         access: Default::default(),
         quarantine_after_strikes: 1,
@@ -255,4 +256,98 @@ pub fn prover_registration(url: &str, endpoint: &str, tls: proofmesh_proto::TlsA
 pub async fn get_batch(url: &str, n: u32) -> v1::BatchStatus {
     let mut admin = v1::admin_client::AdminClient::connect(url.to_string()).await.unwrap();
     admin.get_batch(v1::GetBatchRequest { batch_number: n }).await.unwrap().into_inner()
+}
+
+/// A TCP proxy to `target` that can cut the network without telling the client, as a
+/// partition does: after [`PartitionProxy::cut`], every connection it carries, and every one
+/// opened while cut, stops forwarding for good; after [`PartitionProxy::heal`], new connections
+/// are forwarded again, and the server's end of each cut one is closed (the server gave up on
+/// it: its session ends, its transaction rolls back), while the client's end stays open and
+/// silent (half-open: no FIN, no reset). So a pool behind it holds dead connections it must give
+/// up on by itself.
+pub struct PartitionProxy {
+    pub addr: std::net::SocketAddr,
+    /// Connections opened in an earlier epoch than this are dead.
+    epoch: Arc<std::sync::atomic::AtomicU64>,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Whether a proxied connection still forwards, and whether its cut has healed.
+#[derive(Clone)]
+struct Link {
+    born: u64,
+    epoch: Arc<std::sync::atomic::AtomicU64>,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Link {
+    fn alive(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        !self.cut.load(Ordering::SeqCst) && self.epoch.load(Ordering::SeqCst) == self.born
+    }
+
+    /// Returns once the cut that killed this connection has healed.
+    async fn healed(&self) {
+        while self.epoch.load(std::sync::atomic::Ordering::SeqCst) == self.born {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl PartitionProxy {
+    pub async fn start(target: String) -> PartitionProxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (epoch, cut) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let (e, c) = (epoch.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else { return };
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else { continue };
+                let link = Link { born: e.load(Ordering::SeqCst), epoch: e.clone(), cut: c.clone() };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(forward(cr, sw, link.clone(), true));
+                tokio::spawn(forward(sr, cw, link, false));
+            }
+        });
+        PartitionProxy { addr, epoch, cut }
+    }
+
+    /// Stops every connection, now and until [`PartitionProxy::heal`].
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// New connections go through again; those cut stay dead (half-open on the client's side,
+    /// closed on the server's).
+    pub fn heal(&self) {
+        self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Copies `from` to `to` while the link is alive. Once it is not: toward the server, waits for
+/// the heal and then closes the server's end; toward the client, holds the client's end open,
+/// forwarding nothing, for ever.
+async fn forward(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, link: Link, to_server: bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => 0,
+            Ok(n) => n,
+        };
+        if !link.alive() {
+            if to_server {
+                link.healed().await;
+                return;
+            }
+            std::future::pending::<()>().await;
+        }
+        if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
