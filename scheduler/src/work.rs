@@ -283,9 +283,16 @@ async fn serve_worker(
                 }
                 shared.wake_for_capacity();
             }
-            Some(worker_message::Msg::Heartbeat(h)) => {
+            Some(worker_message::Msg::Heartbeat(mut h)) => {
                 let mut freed = false;
                 if let Some(conn) = shared.registry().get_mut(id) {
+                    // A worker holds at most its capacity in leases (a prover: in slots), so a
+                    // heartbeat names no more: the rest are not renewed, nor answered one
+                    // `Revoke` each (issue 17: inputs bounded before they cost).
+                    if h.lease_ids.len() > conn.capacity as usize {
+                        tracing::warn!(worker = %id, named = h.lease_ids.len(), capacity = conn.capacity, "a heartbeat named more leases than its capacity: only the first are renewed");
+                        h.lease_ids.truncate(conn.capacity as usize);
+                    }
                     conn.loaded_setups = crate::groups::pack_all(&h.loaded_setups);
                     if let Some(busy) = h.busy_slots.filter(|_| conn.role == Role::Prover) {
                         let busy = busy.min(conn.capacity);

@@ -162,17 +162,42 @@ async fn round0_status(pool: &sqlx::PgPool, n: i64) -> String {
     round0_attempts(pool, n).await.0
 }
 
+/// A real lease client and runner (capacity 1) whose witness generation finishes only when
+/// `gate` is notified.
+struct GatedWorker {
+    client: Arc<LeaseClient>,
+    gate: Arc<tokio::sync::Notify>,
+    drain: CancellationToken,
+    stop: CancellationToken,
+    runner: tokio::task::JoinHandle<()>,
+}
+
+impl GatedWorker {
+    fn start(url: &str) -> GatedWorker {
+        let stop = CancellationToken::new();
+        let (client, leases) = LeaseClient::start(registration(url, 1), stop.clone());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let drain = CancellationToken::new();
+        let stage = Arc::new(Gate(gate.clone()));
+        let runner = tokio::spawn(runner::run(client.clone(), leases, stage, drain.clone(), Duration::from_secs(5), Duration::from_secs(60)));
+        GatedWorker { client, gate, drain, stop, runner }
+    }
+
+    /// Drains it and ends its stream.
+    async fn stop(self) {
+        self.drain.cancel();
+        self.runner.await.unwrap();
+        self.stop.cancel();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_keeps_its_lease_across_a_scheduler_restart() {
     let (pool, _) = fresh_database().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let s = serve_on(pool.clone(), Settings { lease_secs: 5.0, heartbeat_ms: 200, ..settings() }, listener);
-    let stop = CancellationToken::new();
-    let (client, leases) = LeaseClient::start(registration(&s.url, 1), stop.clone());
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let drain = CancellationToken::new();
-    let runner = tokio::spawn(runner::run(client.clone(), leases, Arc::new(Gate(gate.clone())), drain.clone(), Duration::from_secs(5), Duration::from_secs(60)));
+    let w = GatedWorker::start(&s.url);
     submit(&s.url, 3).await;
     wait_for("the lease", || async { round0_status(&pool, 3).await == "leased" }).await;
 
@@ -189,16 +214,14 @@ async fn a_worker_keeps_its_lease_across_a_scheduler_restart() {
             .await
             .unwrap()
             .flatten();
-        to.is_some_and(|w| w == client.worker_id())
+        to.is_some_and(|id| id == w.client.worker_id())
     })
     .await;
-    gate.notify_one();
+    w.gate.notify_one();
     wait_for("the completion", || async { round0_status(&pool, 3).await == "succeeded" }).await;
     assert_eq!(round0_attempts(&pool, 3).await.1, 1);
     assert_eq!(round0_leases(&pool, 3).await, vec![(Some("succeeded".into()), 1)]);
-    drain.cancel();
-    runner.await.unwrap();
-    stop.cancel();
+    w.stop().await;
     drop(s2);
 }
 
@@ -671,11 +694,7 @@ async fn a_database_that_stops_answering_holds_nothing_up_past_the_pass_deadline
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let settings = Settings { lease_secs: 4.0, reconnect_grace_secs: 2.0, heartbeat_ms: 200, db_pass_deadline: deadline, ..settings() };
     let s = serve_on(pool, settings, listener);
-    let stop = CancellationToken::new();
-    let (client, leases) = LeaseClient::start(registration(&s.url, 1), stop.clone());
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let drain = CancellationToken::new();
-    let runner = tokio::spawn(runner::run(client.clone(), leases, Arc::new(Gate(gate.clone())), drain.clone(), Duration::from_secs(5), Duration::from_secs(60)));
+    let w = GatedWorker::start(&s.url);
     submit(&s.url, 3).await;
     wait_for("the lease", || async { round0_status(&direct, 3).await == "leased" }).await;
 
@@ -683,7 +702,7 @@ async fn a_database_that_stops_answering_holds_nothing_up_past_the_pass_deadline
     // PostgreSQL; the network goes meanwhile, and the claim's answer never comes back.
     let mut lock = direct.begin().await.unwrap();
     sqlx::query("SELECT id FROM jobs WHERE batch_number = 3 AND aggregation_round = 0 FOR UPDATE").fetch_all(&mut *lock).await.unwrap();
-    gate.notify_one();
+    w.gate.notify_one();
     wait_for("the claim to wait on the row", || async {
         let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted").fetch_one(&direct).await.unwrap();
         waiting > 0
@@ -700,9 +719,7 @@ async fn a_database_that_stops_answering_holds_nothing_up_past_the_pass_deadline
     // The dispatcher and the batcher go on: the next batch is leased and recorded.
     submit(&s.url, 4).await;
     wait_for("the next lease", || async { round0_status(&direct, 4).await == "leased" }).await;
-    gate.notify_one();
+    w.gate.notify_one();
     wait_for("the next completion", || async { round0_status(&direct, 4).await == "succeeded" }).await;
-    drain.cancel();
-    runner.await.unwrap();
-    stop.cancel();
+    w.stop().await;
 }

@@ -214,3 +214,33 @@ async fn credits_never_buy_more_leases_than_the_capacity_less_those_held() {
     back.fail(&second.lease_id, true);
     back.lease().await;
 }
+
+/// Issue 17 (inputs bounded before they cost): a heartbeat names at most the worker's capacity
+/// in leases; the rest are neither renewed nor answered. Before, a worker of capacity 2 that
+/// named 200 made of them 200 renewals and got 200 `Revoke` messages back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_names_no_more_leases_than_the_workers_capacity() {
+    let s = start_scheduler(Geometry::small(), ZonePolicy::SameZoneOnly).await;
+    submit(&s.url, 1).await;
+    let mut w = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h", 2, "")).await;
+    w.credit(1);
+    let held = w.lease().await;
+    let unknown: Vec<String> = (0..200).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let mut named: Vec<&str> = vec![&held.lease_id];
+    named.extend(unknown.iter().map(String::as_str));
+    w.heartbeat(&named);
+    let mut revoked = 0;
+    while let Some(m) = w.next(Duration::from_millis(800)).await {
+        if let v1::scheduler_message::Msg::Revoke(r) = m {
+            assert_ne!(r.lease_id, held.lease_id, "the lease it holds was revoked");
+            revoked += 1;
+        }
+    }
+    assert_eq!(revoked, 1, "only the first two leases named count: its own and one unknown");
+    let current: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE lease_id = $1 AND status = 'leased'")
+        .bind(uuid::Uuid::parse_str(&held.lease_id).unwrap())
+        .fetch_one(&s.shared.pool)
+        .await
+        .unwrap();
+    assert_eq!(current, 1);
+}
