@@ -48,14 +48,16 @@ impl AdminService {
             Err(_) => proofmesh_proto::peer_identity(&request).map_or_else(|| crate::access::ANONYMOUS.into(), |i| i.subject().to_string()),
         };
         let args = request.into_inner();
-        let details = details(&args);
+        // The caller's text is kept to a bounded length (and without NUL, which PostgreSQL
+        // refuses), so neither a refused call nor an allowed one can grow the log by more.
+        let details = db::storable_text(&details(&args)).into_owned();
         let result = match allowed {
             Ok(_) => run(args).await,
             Err(e) => Err(e),
         };
         let outcome = match &result {
             Ok(_) => "ok".to_string(),
-            Err(e) => format!("{:?}: {}", e.code(), e.message()),
+            Err(e) => db::storable_text(&format!("{:?}: {}", e.code(), e.message())).into_owned(),
         };
         tracing::warn!(caller, method, details, outcome, "admin: audit");
         if let Err(e) = db::audit(&self.shared.pool, &caller, method, &details, &outcome).await {

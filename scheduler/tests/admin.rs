@@ -249,3 +249,22 @@ async fn health_is_not_serving_while_postgresql_cannot_be_reached() {
         assert_eq!(status, ServingStatus::NotServing as i32, "service {service:?}");
     }
 }
+
+/// Issue 17 (inputs bounded): what a caller writes into the audit log (the request's text, and
+/// the error that echoes it) is cut to a bounded length. Before, a 10 KB worker name was
+/// stored whole, twice, by each refused `DrainWorker`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_text_is_cut_to_a_bounded_length_in_the_audit_log() {
+    let s = start_scheduler_with(settings()).await;
+    let mut admin = admin(&s.url).await;
+    let huge = "w".repeat(10_000); // (much longer and the NOT_FOUND that echoes it no longer fits an HTTP/2 header)
+    let unknown = admin.drain_worker(v1::DrainWorkerRequest { worker: huge }).await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    let log = admin.list_audit_log(v1::ListAuditLogRequest { limit: 1 }).await.unwrap().into_inner().entries;
+    let entry = &log[0];
+    assert_eq!(entry.method, "DrainWorker");
+    for text in [&entry.details, &entry.outcome] {
+        assert!(text.len() <= 4096 + 64, "{} bytes stored", text.len());
+        assert!(text.ends_with("bytes in all]"), "the cut is said: {}", &text[text.len() - 40..]);
+    }
+}
