@@ -1,5 +1,6 @@
 //! The house keeper: deletes the artifacts of finished batches (proven or failed) once they have
-//! been finished for the retention period (`--artifact-retention-secs`), and their lease history.
+//! been finished for the retention period (`--artifact-retention-secs`), and their lease history;
+//! and the records of worker connections that ended longer ago than that and hold no lease.
 //! The artifacts of a batch still proving are never touched: only batches whose status is not
 //! `proving` are selected, and a batch never goes back to proving. A timer task (housekeeping is
 //! not latency-sensitive): every `interval` it cleans at most [`PER_PASS`] batches, oldest first.
@@ -42,6 +43,10 @@ pub async fn clean(shared: &Shared, retention_secs: f64) -> anyhow::Result<u64> 
         let leases = db::mark_cleaned(&shared.pool, batch).await?;
         tracing::debug!(batch, files, leases, "house keeper: batch cleaned");
         cleaned += 1;
+    }
+    let workers = db::prune_workers(&shared.pool, retention_secs, PER_PASS * 10).await?;
+    if workers > 0 {
+        tracing::debug!(workers, "house keeper: records of ended worker connections deleted");
     }
     Ok(cleaned)
 }

@@ -120,3 +120,43 @@ async fn a_batch_number_submitted_again_with_other_contents_is_refused_even_afte
     assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
     assert!(!submit_with(&s.url, 1, first).await.unwrap());
 }
+
+/// Issue 17: the house keeper prunes the records of worker connections that ended longer ago
+/// than the retention and hold no lease; connected workers, recent ones and any holding a lease
+/// stay. Before, every registration left a row for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_worker_connections_ended_past_the_retention_are_pruned() {
+    let housekeeping = Housekeeping { retention_secs: 3600.0, interval_secs: 0.1 };
+    let s = start_scheduler_with(Settings { housekeeping: Some(housekeeping), ..settings() }).await;
+    let pool = &s.shared.pool;
+    submit(&s.url, 1).await;
+    let mut holder = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h", 1, "")).await;
+    holder.credit(1);
+    holder.lease().await;
+    let connected = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h", 1, "")).await;
+    let old_gone = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h", 1, "")).await;
+    let recent_gone = RawWorker::connect(&s.url, register(Role::WitnessGenerator, "a", "h", 1, "")).await;
+    let ended = |id: String, ago: &'static str| async move {
+        sqlx::query(sqlx::AssertSqlSafe(format!("UPDATE workers SET disconnected_at = now() - interval '{ago}' WHERE id = $1")))
+            .bind(id)
+            .execute(pool)
+            .await
+            .unwrap();
+    };
+    // The holder's stream ended two hours ago (as far as the table says) yet its lease is out.
+    ended(holder.id.clone(), "2 hours").await;
+    ended(old_gone.id.clone(), "2 hours").await;
+    ended(recent_gone.id.clone(), "1 minute").await;
+    let exists = |id: String| async move {
+        sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM workers WHERE id = $1)").bind(id).fetch_one(pool).await.unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while exists(old_gone.id.clone()).await {
+        assert!(tokio::time::Instant::now() < deadline, "the old record was not pruned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (who, id) in [("the lease holder", &holder.id), ("a connected worker", &connected.id), ("a recent one", &recent_gone.id)] {
+        assert!(exists(id.clone()).await, "{who} was pruned");
+    }
+}

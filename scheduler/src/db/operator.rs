@@ -280,6 +280,25 @@ pub async fn batches_to_clean(pool: &PgPool, retention_secs: f64, limit: i64) ->
     .await?)
 }
 
+/// Deletes the records of worker connections that ended more than `retention_secs` ago and
+/// hold no lease (a reconnect within the grace may still re-attach one), at most `limit` per
+/// call, oldest first: the `workers` table grows by a row per registration and would otherwise
+/// grow for ever. Returns how many.
+pub async fn prune_workers(pool: &PgPool, retention_secs: f64, limit: i64) -> Result<u64, DbError> {
+    Ok(sqlx::query(formatcp!(
+        "DELETE FROM workers WHERE id IN (
+             SELECT w.id FROM workers w
+             WHERE w.disconnected_at < now() - make_interval(secs => $1)
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.leased_to = w.id AND j.status = {LEASED})
+             ORDER BY w.disconnected_at LIMIT $2)"
+    ))
+    .bind(retention_secs)
+    .bind(limit)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
 /// Records that a finished batch's artifacts are deleted and deletes its lease history. Returns the
 /// leases deleted. Never applies to a batch still proving.
 pub async fn mark_cleaned(pool: &PgPool, batch: i64) -> Result<u64, DbError> {
